@@ -1,0 +1,150 @@
+"""MGEMM: mask general matrix multiplication, the algebra of selective activation.
+
+Each op returns ``(output, macs)``: ``macs`` is the count of executed multiply-accumulates as a
+0-dim int64 tensor on the output's device (DESIGN.md section 1 counting rules). Masks are inputs
+here; deciding them is the AMU's job (:mod:`selact.amu`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from selact.mgemm import reference as _reference  # noqa: F401  (registers the reference backend)
+from selact.mgemm.counting import conv2d_macs, dense_conv2d_macs, dense_linear_macs, linear_macs
+from selact.mgemm.registry import BACKENDS, Backend, BackendError, Case, choose, register_backend
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendError",
+    "Case",
+    "attention_values",
+    "choose",
+    "conv2d",
+    "conv2d_macs",
+    "dense_conv2d_macs",
+    "dense_linear_macs",
+    "linear",
+    "linear_macs",
+    "register_backend",
+]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, backend=None):
+    """``Y = M_out ⊙ ((M_in ⊙ X) Wᵀ + b)``.
+
+    Args:
+        x: (..., K) input rows.
+        weight: (N, K). bias: (N,) or None.
+        in_mask: bool, broadcastable to ``x`` (e.g. (K,) for a mask shared by all rows).
+        out_mask: bool, broadcastable to (..., N); dropped outputs are zero.
+        backend: backend name; ``None`` lets the dispatcher choose.
+    """
+    _check_float("x", x)
+    _check_operand("weight", weight, x, ndim=2)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"linear: x has shape {tuple(x.shape)} but weight {tuple(weight.shape)} "
+            f"expects {weight.shape[1]} input features"
+        )
+    if bias is not None:
+        _check_operand("bias", bias, x, ndim=1, size=weight.shape[0])
+    _check_mask("in_mask", in_mask, x, tuple(x.shape))
+    _check_mask("out_mask", out_mask, x, (*x.shape[:-1], weight.shape[0]))
+    case = _case("linear", (x, weight, bias), x=x, weight=weight, in_mask=in_mask, out_mask=out_mask)
+    return choose(case, backend).ops["linear"](
+        x, weight, bias, in_mask=in_mask, out_mask=out_mask
+    )
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, in_mask=None,
+           backend=None):
+    """``Y = conv2d(M ⊙ X, W) + b`` with :func:`torch.nn.functional.conv2d`'s arguments.
+
+    Args:
+        x: (B, C_in, H, W). weight: (C_out, C_in / groups, kh, kw). bias: (C_out,) or None.
+        in_mask: bool, broadcastable to ``x``: (B, C, H, W) element, (B, C, 1, 1) channel,
+            (B, 1, H, W) spatial, (1, C, 1, 1) batch-shared.
+    """
+    _check_float("x", x)
+    _check_operand("weight", weight, x, ndim=4)
+    if x.dim() != 4 or x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(
+            f"conv2d: x has shape {tuple(x.shape)} but weight {tuple(weight.shape)} with "
+            f"groups={groups} expects (B, {weight.shape[1] * groups}, H, W)"
+        )
+    if bias is not None:
+        _check_operand("bias", bias, x, ndim=1, size=weight.shape[0])
+    _check_mask("in_mask", in_mask, x, tuple(x.shape))
+    case = _case("conv2d", (x, weight, bias), x=x, weight=weight, in_mask=in_mask)
+    return choose(case, backend).ops["conv2d"](
+        x, weight, bias, stride, padding, dilation, groups, in_mask=in_mask
+    )
+
+
+def attention_values(probs, v, *, key_mask=None, renormalize=True, backend=None):
+    """``O = P' V`` where ``P'`` keeps the probabilities ``key_mask`` marks.
+
+    Args:
+        probs: (..., L_q, L_k) attention probabilities. v: (..., L_k, D), same leading dims.
+        key_mask: bool, broadcastable to ``probs``: which keys each query sums.
+        renormalize: rescale the kept probabilities of each query to sum to one.
+    """
+    _check_float("probs", probs)
+    _check_operand("v", v, probs, ndim=probs.dim())
+    if probs.dim() < 2 or probs.shape[:-2] != v.shape[:-2] or probs.shape[-1] != v.shape[-2]:
+        raise ValueError(
+            f"attention_values: probs {tuple(probs.shape)} and v {tuple(v.shape)} do not match; "
+            "expected (..., L_q, L_k) and (..., L_k, D)"
+        )
+    _check_mask("key_mask", key_mask, probs, tuple(probs.shape))
+    case = _case("attention_values", (probs, v), probs=probs, v=v, key_mask=key_mask)
+    return choose(case, backend).ops["attention_values"](
+        probs, v, key_mask=key_mask, renormalize=renormalize
+    )
+
+
+def _case(op, operands, **tensors) -> Case:
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in operands
+    )
+    x = operands[0]
+    shapes = {k: (tuple(t.shape) if t is not None else None) for k, t in tensors.items()}
+    return Case(op=op, device=x.device.type, dtype=x.dtype, shapes=shapes, needs_grad=needs_grad)
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_operand(name, t, x, *, ndim, size=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dim() != ndim or (size is not None and t.shape[0] != size):
+        want = f"{ndim}-D" + (f" of size {size}" if size is not None else "")
+        raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but the input has {x.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {x.device}")
+
+
+def _check_mask(name, mask, x, target: tuple[int, ...]) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"{name} must be a bool tensor, got {got}")
+    if mask.device != x.device:
+        raise ValueError(f"{name} is on {mask.device} but the input is on {x.device}")
+    try:
+        shape = torch.broadcast_shapes(mask.shape, target)
+    except RuntimeError:
+        shape = None
+    if shape != torch.Size(target):
+        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to {target}")

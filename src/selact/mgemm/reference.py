@@ -1,0 +1,57 @@
+"""The reference backend: plain PyTorch that defines every MGEMM result and its MAC count."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from selact.mgemm.counting import conv2d_macs, linear_macs
+from selact.mgemm.registry import Backend, register_backend
+
+
+def _apply_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    # where() rather than a product: gradients reach kept inputs only, and a dropped inf stays out.
+    return x if mask is None else torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def linear(x, weight, bias=None, *, in_mask=None, out_mask=None):
+    """``Y = M_out ⊙ ((M ⊙ X) Wᵀ + b)``; dropped outputs are zero."""
+    kept_x = _apply_mask(x, in_mask)
+    y = F.linear(kept_x, weight, bias)
+    y = _apply_mask(y, out_mask)
+    with torch.no_grad():
+        macs = linear_macs(kept_x != 0, out_mask, weight.shape[0])
+    return y, macs
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, in_mask=None):
+    """``Y = conv(M ⊙ X, W) + b``."""
+    kept_x = _apply_mask(x, in_mask)
+    y = F.conv2d(kept_x, weight, bias, stride, padding, dilation, groups)
+    with torch.no_grad():
+        macs = conv2d_macs(kept_x != 0, weight.shape, stride, padding, dilation, groups)
+    return y, macs
+
+
+def attention_values(probs, v, *, key_mask=None, renormalize=True):
+    """``O = P' V`` with ``P'`` the kept probabilities, renormalised to sum to one per query."""
+    kept_p = _apply_mask(probs, key_mask)
+    if key_mask is not None and renormalize:
+        total = kept_p.sum(-1, keepdim=True)
+        tiny = torch.finfo(total.dtype).tiny
+        kept_p = torch.where(total > 0, kept_p / total.clamp_min(tiny), kept_p)
+    out = kept_p @ v
+    with torch.no_grad():
+        macs = (kept_p != 0).sum(dtype=torch.int64) * v.shape[-1]
+    return out, macs
+
+
+register_backend(
+    Backend(
+        name="reference",
+        devices=frozenset({"cpu", "cuda", "mps", "xpu", "meta"}),
+        dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64}),
+        ops={"linear": linear, "conv2d": conv2d, "attention_values": attention_values},
+        priority=0,
+    )
+)

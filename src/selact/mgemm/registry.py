@@ -1,0 +1,118 @@
+"""Backend records and the dispatcher: argument > ``SELACT_BACKEND`` > device default > reference.
+
+A backend asked for by name (argument or environment) that cannot serve a case raises
+:class:`BackendError`; only the automatic choice falls back, with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Callable, Mapping
+
+import torch
+
+from selact._registry import Registry
+
+ENV_VAR = "SELACT_BACKEND"
+
+
+class BackendError(RuntimeError):
+    """A backend named by the user cannot serve the requested case."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """What a backend needs to know to say whether it can serve a call."""
+
+    op: str
+    device: str
+    dtype: torch.dtype
+    shapes: Mapping[str, tuple[int, ...] | None]
+    needs_grad: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One implementation of some MGEMM ops.
+
+    Args:
+        name: registry key, also what ``SELACT_BACKEND`` and ``backend=`` take.
+        devices: device types it runs on (``"cpu"``, ``"cuda"``).
+        dtypes: input dtypes it accepts.
+        ops: op name -> function with the public op's signature (minus ``backend``).
+        priority: automatic choice tries higher priorities first; the reference is 0.
+        check: optional ``Case -> reason or None`` for limits beyond device and dtype.
+        differentiable: whether its results carry gradients.
+    """
+
+    name: str
+    devices: frozenset[str]
+    dtypes: frozenset[torch.dtype]
+    ops: Mapping[str, Callable]
+    priority: int = 1
+    check: Callable[[Case], str | None] | None = None
+    differentiable: bool = True
+
+    def why_not(self, case: Case) -> str | None:
+        """``None`` if this backend can serve ``case``, else the reason it cannot."""
+        if case.op not in self.ops:
+            return f"it does not implement {case.op}"
+        if case.device not in self.devices:
+            return f"it does not run on {case.device} (runs on {', '.join(sorted(self.devices))})"
+        if case.dtype not in self.dtypes:
+            return f"it does not support {case.dtype}"
+        if case.needs_grad and not self.differentiable:
+            return "it is inference-only and the inputs require grad"
+        return self.check(case) if self.check is not None else None
+
+
+BACKENDS: Registry[Backend] = Registry("MGEMM backend")
+_warned: set[tuple[str, str, torch.dtype]] = set()
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add ``backend`` to the registry (a backend module calls this when imported)."""
+    BACKENDS.register(backend.name)(backend)
+    return backend
+
+
+def choose(case: Case, requested: str | None = None) -> Backend:
+    """The backend that serves ``case``."""
+    name = requested or os.environ.get(ENV_VAR) or None
+    if name is not None:
+        try:
+            backend = BACKENDS[name]
+        except KeyError as error:
+            raise BackendError(str(error.args[0])) from None
+        reason = backend.why_not(case)
+        if reason is not None:
+            raise BackendError(
+                f"backend {name!r} cannot serve {case.op} on {case.device} {case.dtype}: {reason}"
+            )
+        return backend
+    candidates = sorted(
+        (BACKENDS[n] for n in BACKENDS if n != "reference"),
+        key=lambda b: -b.priority,
+    )
+    # Training on an inference-only backend's device is normal: the reference serves it silently.
+    candidates = [
+        b for b in candidates
+        if case.device in b.devices and case.op in b.ops and (b.differentiable or not case.needs_grad)
+    ]
+    reasons = []
+    for backend in candidates:
+        reason = backend.why_not(case)
+        if reason is None:
+            return backend
+        reasons.append(f"{backend.name}: {reason}")
+    key = (case.op, case.device, case.dtype)
+    if reasons and key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"selact: no fast backend serves {case.op} on {case.device} {case.dtype} "
+            f"({'; '.join(reasons)}); using the reference backend",
+            stacklevel=3,
+        )
+    return BACKENDS["reference"]

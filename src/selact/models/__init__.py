@@ -1,0 +1,11 @@
+"""Models by name: ``create_model("small_cnn")``; ``list_models()`` lists what is registered.
+
+Each model module registers its factories with ``@register_model`` and is imported here by
+name, so the registry is complete once ``selact.models`` is imported.
+"""
+
+from selact.models import small_cnn  # noqa: F401  (registers "small_cnn")
+from selact.models._registry import create_model, list_models, register_model
+from selact.models.small_cnn import SmallCNN
+
+__all__ = ["SmallCNN", "create_model", "list_models", "register_model"]

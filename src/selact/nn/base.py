@@ -1,0 +1,134 @@
+"""The base of every selective module: its config, threshold buffer, counters and checks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from selact import amu
+from selact.config import SelectiveConfig
+from selact.nn.stats import Counter
+
+
+class Converted:
+    """Mixin of modules made by a conversion: keeps the original so it can be restored exactly."""
+
+    #: Names of children that :func:`selact.sparsify` must leave dense.
+    dense_children: tuple[str, ...] = ()
+
+    def remember(self, original: nn.Module) -> None:
+        """Keep ``original`` (outside the module tree) so :meth:`to_dense` can restore it."""
+        self.__dict__["_original"] = original
+
+    def to_dense(self) -> nn.Module:
+        """The original module, holding this module's current parameters, buffers and children."""
+        original = self.__dict__.get("_original")
+        if original is None:
+            raise RuntimeError(f"{type(self).__name__} was not made by a conversion: no original")
+        for name in original._parameters:
+            if name in self._parameters:
+                setattr(original, name, self._parameters[name])
+        for name in original._buffers:
+            if name in self._buffers:
+                original._buffers[name] = self._buffers[name]
+        for name in original._modules:
+            if name in self._modules:
+                setattr(original, name, self._modules[name])
+        original.train(self.training)
+        return original
+
+
+class SelectiveModule(Converted, nn.Module):
+    """One place in a model where the AMU chooses inputs and MGEMM multiplies them.
+
+    Holds the :class:`SelectiveConfig`, the calibrated ``threshold`` (a buffer, so it saves,
+    loads and moves with the model; NaN until :func:`selact.calibrate` fits it) and the counters
+    that :func:`selact.stats` reads. Subclasses implement ``forward`` with :meth:`input_mask`
+    and :meth:`record`, and ``to_dense`` to undo the conversion.
+    """
+
+    kind = "linear"
+
+    def __init__(self, config: SelectiveConfig) -> None:
+        super().__init__()
+        if not isinstance(config, SelectiveConfig):
+            raise TypeError(f"config must be a SelectiveConfig, got {type(config).__name__}")
+        self.config = config
+        self.layer_name = ""
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+        self.counter = Counter()
+        self.score_sample: amu.ScoreSample | None = None  # set while calibrating
+        self._threshold_checked = False
+        self._norms_key: tuple | None = None
+        self._norms: torch.Tensor | None = None
+
+    def input_mask(
+        self, x: torch.Tensor, weight: torch.Tensor, layout: str, groups: int = 1
+    ) -> torch.Tensor | None:
+        """Ask the AMU for the mask of ``x`` (``None``: keep everything)."""
+        calibrating = self.score_sample is not None
+        threshold = None
+        if self.config.budget == "threshold" and not calibrating:
+            threshold = self._fitted_threshold()
+        norms = None
+        if amu.STRATEGIES[self.config.strategy].uses_weight:
+            norms = self._input_norms(weight, layout, groups)
+        return amu.mask(
+            x, weight, self.config, layout=layout, groups=groups, threshold=threshold, norms=norms,
+            observe=self.score_sample.add if calibrating else None,
+        )
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise if ``x`` holds NaN or inf, naming this layer (when ``check_finite``)."""
+        if self.config.check_finite and not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"selective layer {self.layer_name or type(self).__name__!r}: its input of shape "
+                f"{tuple(x.shape)} holds NaN or inf (set check_finite=False to skip this check)"
+            )
+
+    @torch.no_grad()
+    def record(
+        self, x: torch.Tensor, mask: torch.Tensor | None, *, dense: int,
+        zero_skip: torch.Tensor | int, executed: torch.Tensor | int,
+    ) -> None:
+        """Add one call's counts; ``mask`` gives the kept density over ``x``."""
+        if not self.config.counting:
+            return
+        inputs = x.numel()
+        if mask is None:
+            kept = inputs
+        else:
+            kept = mask.sum(dtype=torch.int64) * (inputs // max(mask.numel(), 1))
+        self.counter.add(
+            x.device, dense_macs=dense, zero_skip_macs=zero_skip, executed_macs=executed,
+            kept=kept, inputs=inputs,
+        )
+
+    def _fitted_threshold(self) -> torch.Tensor:
+        if not self._threshold_checked:
+            if bool(torch.isnan(self.threshold)):
+                raise RuntimeError(
+                    f"selective layer {self.layer_name!r} uses budget='threshold' but has no "
+                    "threshold: run selact.calibrate(model, batches) first"
+                )
+            self._threshold_checked = True
+        return self.threshold
+
+    def _input_norms(self, weight: torch.Tensor, layout: str, groups: int) -> torch.Tensor:
+        # Recomputed only when the weight changes (a new tensor, or an in-place update).
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype, weight.shape)
+        if key != self._norms_key:
+            self._norms = amu.input_norms(weight, layout, groups)
+            self._norms_key = key
+        return self._norms
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._threshold_checked = False
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        text = f"strategy={c.strategy}, density={c.density}, granularity={c.granularity}"
+        if c.budget != "topk":
+            text += f", budget={c.budget}"
+        return text

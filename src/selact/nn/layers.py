@@ -1,0 +1,95 @@
+"""Selective Linear and Conv2d: the AMU picks the inputs, MGEMM multiplies only those."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selact import mgemm
+from selact.config import SelectiveConfig
+from selact.nn.base import SelectiveModule
+
+
+class SelectiveLinear(SelectiveModule):
+    """``nn.Linear`` whose inputs are masked per :class:`SelectiveConfig` before multiplying.
+
+    Args:
+        linear: the dense layer; its ``weight`` and ``bias`` Parameters are shared, not copied.
+        config: how inputs are chosen.
+    """
+
+    kind = "linear"
+
+    def __init__(self, linear: nn.Linear, config: SelectiveConfig) -> None:
+        super().__init__(config)
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.register_parameter("bias", linear.bias)
+        self.remember(linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        mask = self.input_mask(x, self.weight, "linear")
+        y, executed = mgemm.linear(
+            x, self.weight, self.bias, in_mask=mask, backend=self.config.backend
+        )
+        if self.config.counting:
+            with torch.no_grad():
+                zero_skip = mgemm.linear_macs(x != 0, None, self.out_features)
+            dense = mgemm.dense_linear_macs(x.shape, self.out_features)
+            self.record(x, mask, dense=dense, zero_skip=zero_skip, executed=executed)
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {super().extra_repr()}"
+        )
+
+
+class SelectiveConv2d(SelectiveModule):
+    """``nn.Conv2d`` whose input feature map is masked per :class:`SelectiveConfig`.
+
+    The density unit is a sample's whole input map (C·H·W). Weights are shared with the original.
+    """
+
+    kind = "conv2d"
+
+    def __init__(self, conv: nn.Conv2d, config: SelectiveConfig) -> None:
+        super().__init__(config)
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
+                     "dilation", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(self, name, getattr(conv, name))
+        self.weight = conv.weight
+        self.register_parameter("bias", conv.bias)
+        self.remember(conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        padding = self.padding
+        if self.padding_mode != "zeros":  # the padded border becomes real input
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        mask = self.input_mask(x, self.weight, "conv", self.groups)
+        args = (self.stride, padding, self.dilation, self.groups)
+        y, executed = mgemm.conv2d(
+            x, self.weight, self.bias, *args, in_mask=mask, backend=self.config.backend
+        )
+        if self.config.counting:
+            with torch.no_grad():
+                zero_skip = mgemm.conv2d_macs(x != 0, self.weight.shape, *args)
+            dense = mgemm.dense_conv2d_macs(self.weight.shape, y.shape)
+            self.record(x, mask, dense=dense, zero_skip=zero_skip, executed=executed)
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
+            f"{super().extra_repr()}"
+        )

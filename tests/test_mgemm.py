@@ -1,0 +1,272 @@
+"""MGEMM: every backend against an independent float64 computation, and MAC counts against
+brute-force counts (explicit loops and ``unfold``)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from selact import mgemm
+from selact.mgemm import BACKENDS, Backend, BackendError, Case
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+#: Per-element tolerance of a length-K dot product, scaled by sqrt(K) in ``_close``: about 4 ulps.
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _close(actual, expected, dtype, k):
+    tol = TOL[dtype] * math.sqrt(max(k, 1)) * 4
+    torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol)
+
+
+def _backends(op):
+    return [name for name in BACKENDS.names() if op in BACKENDS[name].ops]
+
+
+def _mask(shape, kind, draw_seed):
+    g = torch.Generator().manual_seed(draw_seed)
+    if kind == "empty":
+        return torch.zeros(shape, dtype=torch.bool)
+    if kind == "full":
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.rand(shape, generator=g) < 0.5
+
+
+def _relu_input(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).clamp_min(-0.3).to(dtype)  # some exact zeros
+
+
+mask_kinds = st.sampled_from(["empty", "half", "full", "none"])
+
+
+@pytest.mark.parametrize("backend", _backends("linear"))
+@settings(max_examples=40, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 5), min_size=0, max_size=2),
+    k=st.integers(1, 37),
+    n=st.integers(1, 23),
+    dtype=st.sampled_from(DTYPES),
+    in_kind=mask_kinds,
+    out_kind=mask_kinds,
+    shared=st.booleans(),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_matches_brute_force(backend, lead, k, n, dtype, in_kind, out_kind, shared, bias,
+                                    seed):
+    x = _relu_input((*lead, k), dtype, seed)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    in_mask = None if in_kind == "none" else _mask((k,) if shared else x.shape, in_kind, seed)
+    out_mask = None if out_kind == "none" else _mask((*lead, n), out_kind, seed + 2)
+    case = Case("linear", "cpu", dtype, {}, needs_grad=False)
+    if BACKENDS[backend].why_not(case):
+        pytest.skip(BACKENDS[backend].why_not(case))
+
+    y, macs = mgemm.linear(x, w, b, in_mask=in_mask, out_mask=out_mask, backend=backend)
+
+    rows = x.reshape(-1, k).double()
+    kept_in = (torch.ones_like(rows, dtype=torch.bool) if in_mask is None
+               else in_mask.expand(x.shape).reshape(-1, k))
+    kept_out = (torch.ones(rows.shape[0], n, dtype=torch.bool) if out_mask is None
+                else out_mask.reshape(-1, n))
+    expected = torch.zeros(rows.shape[0], n, dtype=torch.float64)
+    expected_macs = 0
+    for r in range(rows.shape[0]):
+        active = [i for i in range(k) if kept_in[r, i] and rows[r, i] != 0]
+        for j in range(n):
+            if not kept_out[r, j]:
+                continue
+            expected[r, j] = sum(rows[r, i] * w[j, i].double() for i in active)
+            expected[r, j] += b[j].double() if b is not None else 0.0
+            expected_macs += len(active)
+    assert y.dtype == dtype and y.shape == (*lead, n)
+    _close(y.reshape(-1, n), expected, dtype, k)
+    assert macs.dtype == torch.int64 and macs.dim() == 0
+    assert int(macs) == expected_macs
+
+
+def _unfold_macs(kept, weight_shape, stride, padding, dilation, groups):
+    """Kept inputs under each output position's receptive field, per group, via unfold."""
+    c_out, c_in_g, kh, kw = weight_shape
+    cols = F.unfold(kept.double(), (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    cols = cols.reshape(kept.shape[0], groups, c_in_g * kh * kw, -1)
+    return int(cols.sum()) * (c_out // groups)
+
+
+@pytest.mark.parametrize("backend", _backends("conv2d"))
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    groups=st.sampled_from([1, 2, 3]),
+    c_in_g=st.integers(1, 4),
+    c_out_g=st.integers(1, 3),
+    size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    kernel=st.sampled_from([1, 2, 3]),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 2),
+    dilation=st.integers(1, 2),
+    dtype=st.sampled_from(DTYPES),
+    granularity=st.sampled_from(["element", "channel", "spatial", "shared", "empty", "none"]),
+    seed=st.integers(0, 2**16),
+)
+def test_conv2d_matches_brute_force(backend, batch, groups, c_in_g, c_out_g, size, kernel, stride,
+                                    padding, dilation, dtype, granularity, seed):
+    c_in, c_out = c_in_g * groups, c_out_g * groups
+    h, w_ = size
+    if (h + 2 * padding - dilation * (kernel - 1)) < 1 or (w_ + 2 * padding - dilation * (kernel - 1)) < 1:
+        return  # no output position
+    x = _relu_input((batch, c_in, h, w_), dtype, seed)
+    weight = torch.randn(c_out, c_in_g, kernel, kernel).to(dtype)
+    bias = torch.randn(c_out).to(dtype)
+    shape = {"element": x.shape, "channel": (batch, c_in, 1, 1), "spatial": (batch, 1, h, w_),
+             "shared": (1, c_in, 1, 1), "empty": x.shape}.get(granularity)
+    mask = None if shape is None else _mask(shape, "empty" if granularity == "empty" else "half",
+                                            seed)
+    args = (stride, padding, dilation, groups)
+
+    y, macs = mgemm.conv2d(x, weight, bias, *args, in_mask=mask, backend=backend)
+
+    kept_x = x if mask is None else x * mask
+    expected = F.conv2d(kept_x.double(), weight.double(), bias.double(), *args)
+    assert y.dtype == dtype and y.shape == expected.shape
+    _close(y, expected, dtype, c_in_g * kernel * kernel)
+    assert int(macs) == _unfold_macs(kept_x != 0, weight.shape, *args)
+
+
+def test_conv2d_macs_dense_equals_standard_count_without_padding():
+    x = torch.ones(2, 4, 6, 6)
+    w = torch.ones(8, 2, 3, 3)
+    _, macs = mgemm.conv2d(x, w, groups=2)
+    assert int(macs) == 2 * 8 * 2 * 3 * 3 * 4 * 4 == mgemm.dense_conv2d_macs(w.shape, (2, 8, 4, 4))
+
+
+def test_conv2d_macs_skip_padding():
+    # 1x1 input, 3x3 kernel, padding 1: only the centre tap is a real input.
+    _, macs = mgemm.conv2d(torch.ones(1, 1, 1, 1), torch.ones(5, 1, 3, 3), padding=1)
+    assert int(macs) == 5
+
+
+@pytest.mark.parametrize("backend", _backends("attention_values"))
+@settings(max_examples=30, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 3), min_size=1, max_size=2),
+    lq=st.integers(1, 6),
+    lk=st.integers(1, 9),
+    d=st.integers(1, 8),
+    dtype=st.sampled_from(DTYPES),
+    kind=mask_kinds,
+    renormalize=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_attention_values_matches_brute_force(backend, lead, lq, lk, d, dtype, kind, renormalize,
+                                              seed):
+    probs = torch.randn(*lead, lq, lk).softmax(-1).to(dtype)
+    v = torch.randn(*lead, lk, d).to(dtype)
+    mask = None if kind == "none" else _mask(probs.shape, kind, seed)
+
+    out, macs = mgemm.attention_values(probs, v, key_mask=mask, renormalize=renormalize,
+                                       backend=backend)
+
+    p = probs.double().reshape(-1, lq, lk)
+    m = torch.ones_like(p, dtype=torch.bool) if mask is None else mask.reshape(-1, lq, lk)
+    vv = v.double().reshape(-1, lk, d)
+    expected = torch.zeros(p.shape[0], lq, d, dtype=torch.float64)
+    expected_macs = 0
+    for b in range(p.shape[0]):
+        for q in range(lq):
+            kept = [j for j in range(lk) if m[b, q, j] and p[b, q, j] != 0]
+            total = sum(p[b, q, j] for j in kept) if (mask is not None and renormalize) else 1.0
+            for j in kept:
+                expected[b, q] += p[b, q, j] / total * vv[b, j]
+            expected_macs += len(kept) * d
+    _close(out.reshape(-1, lq, d), expected, dtype, lk)
+    assert int(macs) == expected_macs
+
+
+def test_gradients_flow_through_kept_inputs_only():
+    x = torch.randn(3, 6, requires_grad=True)
+    w = torch.randn(4, 6, requires_grad=True)
+    mask = torch.rand(3, 6) < 0.5
+    y, _ = mgemm.linear(x, w, in_mask=mask)
+    y.sum().backward()
+    assert torch.all(x.grad[~mask] == 0)
+    torch.testing.assert_close(x.grad[mask], w.sum(0).expand(3, 6)[mask])
+    torch.testing.assert_close(w.grad, (x * mask).sum(0).expand(4, 6).detach())
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "words"),
+    [
+        (lambda: mgemm.linear(torch.randn(2, 5), torch.randn(3, 4)), ValueError, "expects 4"),
+        (lambda: mgemm.linear(torch.randn(2, 4), torch.randn(3, 4).double()), TypeError, "dtype"),
+        (lambda: mgemm.linear(torch.randn(2, 4).int(), torch.randn(3, 4)), TypeError, "float"),
+        (lambda: mgemm.linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(4)), ValueError,
+         "bias"),
+        (lambda: mgemm.linear(torch.randn(2, 4), torch.randn(3, 4), in_mask=torch.ones(2, 4)),
+         TypeError, "bool"),
+        (lambda: mgemm.linear(torch.randn(2, 4), torch.randn(3, 4),
+                              in_mask=torch.ones(3, 4, dtype=torch.bool)), ValueError, "broadcast"),
+        (lambda: mgemm.linear(torch.randn(2, 4), torch.randn(3, 4),
+                              in_mask=torch.ones(4, dtype=torch.bool, device="meta")), ValueError,
+         "meta"),
+        (lambda: mgemm.conv2d(torch.randn(1, 3, 4, 4), torch.randn(2, 2, 3, 3)), ValueError,
+         "groups"),
+        (lambda: mgemm.attention_values(torch.rand(2, 3, 4), torch.rand(2, 5, 4)), ValueError,
+         "do not match"),
+    ],
+)
+def test_bad_input_raises_clear_errors(call, error, words):
+    with pytest.raises(error, match=words):
+        call()
+
+
+@pytest.fixture
+def fake_backend(monkeypatch):
+    """A CPU float32-only backend that records its calls."""
+    calls = []
+
+    def linear(x, weight, bias=None, *, in_mask=None, out_mask=None):
+        calls.append("fake")
+        return BACKENDS["reference"].ops["linear"](x, weight, bias, in_mask=in_mask,
+                                                   out_mask=out_mask)
+
+    backend = Backend("fake", frozenset({"cpu"}), frozenset({torch.float32}), {"linear": linear},
+                      priority=5, differentiable=False)
+    monkeypatch.setitem(BACKENDS._entries, "fake", backend)
+    monkeypatch.delenv("SELACT_BACKEND", raising=False)
+    monkeypatch.setattr("selact.mgemm.registry._warned", set())
+    return calls
+
+
+def test_dispatch_prefers_fast_backend_and_falls_back_with_one_warning(fake_backend):
+    x, w = torch.randn(2, 4), torch.randn(3, 4)
+    mgemm.linear(x, w)
+    assert fake_backend == ["fake"]
+    with pytest.warns(UserWarning, match="reference"):
+        mgemm.linear(x.half(), w.half())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mgemm.linear(x.half(), w.half())  # warned once only
+        with torch.enable_grad():  # an inference-only backend is skipped when grads are needed
+            mgemm.linear(x, w.requires_grad_())
+    assert fake_backend == ["fake"]
+
+
+def test_named_backend_raises_when_it_cannot_serve(fake_backend, monkeypatch):
+    with pytest.raises(BackendError, match="float16"):
+        mgemm.linear(torch.randn(2, 4).half(), torch.randn(3, 4).half(), backend="fake")
+    with pytest.raises(BackendError, match="known: .*reference"):
+        mgemm.linear(torch.randn(2, 4), torch.randn(3, 4), backend="nope")
+    monkeypatch.setenv("SELACT_BACKEND", "fake")
+    with pytest.raises(BackendError, match="conv2d"):
+        mgemm.conv2d(torch.randn(1, 1, 3, 3), torch.randn(1, 1, 1, 1))
+    mgemm.linear(torch.randn(2, 4), torch.randn(3, 4), backend="reference")  # argument wins
+    assert fake_backend == []
