@@ -50,11 +50,17 @@ def test_public_models(name):
 
 def _cnn():
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
-        nn.Conv2d(8, 16, 1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 16),
+        nn.ReLU(),
+        nn.Linear(16, 10),
     )
 
 
@@ -88,7 +94,8 @@ def test_density_one_reproduces_dense_with_every_granularity_and_strategy():
 
 def test_overrides_precedence_and_skip():
     model = selact.sparsify(
-        _cnn(), density=0.5,
+        _cnn(),
+        density=0.5,
         overrides={"4": {"density": 0.25}, "re:[0-9]": {"density": 0.75}, "8": None},
     )
     assert model[2].config.density == 0.75  # regex
@@ -119,8 +126,9 @@ def test_errors_name_the_layer():
     with pytest.raises(RuntimeError, match="already sparsified.*'2'"):
         selact.sparsify(model)
     with pytest.raises(TypeError, match=r"'1'.*Conv1d.*convertible: .*Conv2d"):
-        selact.sparsify(nn.Sequential(nn.Linear(4, 4), nn.Conv1d(4, 4, 1)),
-                        filter_fn=lambda m, n: True)
+        selact.sparsify(
+            nn.Sequential(nn.Linear(4, 4), nn.Conv1d(4, 4, 1)), filter_fn=lambda m, n: True
+        )
     with pytest.raises(ValueError, match="'44'.*did you mean '4'"):
         selact.sparsify(_cnn(), overrides={"44": None})
     x = torch.randn(1, 3, 5, 5)

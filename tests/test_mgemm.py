@@ -59,8 +59,9 @@ mask_kinds = st.sampled_from(["empty", "half", "full", "none"])
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_linear_matches_brute_force(backend, lead, k, n, dtype, in_kind, out_kind, shared, bias,
-                                    seed):
+def test_linear_matches_brute_force(
+    backend, lead, k, n, dtype, in_kind, out_kind, shared, bias, seed
+):
     x = _relu_input((*lead, k), dtype, seed)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     b = torch.randn(n).to(dtype) if bias else None
@@ -73,10 +74,16 @@ def test_linear_matches_brute_force(backend, lead, k, n, dtype, in_kind, out_kin
     y, macs = mgemm.linear(x, w, b, in_mask=in_mask, out_mask=out_mask, backend=backend)
 
     rows = x.reshape(-1, k).double()
-    kept_in = (torch.ones_like(rows, dtype=torch.bool) if in_mask is None
-               else in_mask.expand(x.shape).reshape(-1, k))
-    kept_out = (torch.ones(rows.shape[0], n, dtype=torch.bool) if out_mask is None
-                else out_mask.reshape(-1, n))
+    kept_in = (
+        torch.ones_like(rows, dtype=torch.bool)
+        if in_mask is None
+        else in_mask.expand(x.shape).reshape(-1, k)
+    )
+    kept_out = (
+        torch.ones(rows.shape[0], n, dtype=torch.bool)
+        if out_mask is None
+        else out_mask.reshape(-1, n)
+    )
     expected = torch.zeros(rows.shape[0], n, dtype=torch.float64)
     expected_macs = 0
     for r in range(rows.shape[0]):
@@ -117,19 +124,40 @@ def _unfold_macs(kept, weight_shape, stride, padding, dilation, groups):
     granularity=st.sampled_from(["element", "channel", "spatial", "shared", "empty", "none"]),
     seed=st.integers(0, 2**16),
 )
-def test_conv2d_matches_brute_force(backend, batch, groups, c_in_g, c_out_g, size, kernel, stride,
-                                    padding, dilation, dtype, granularity, seed):
+def test_conv2d_matches_brute_force(
+    backend,
+    batch,
+    groups,
+    c_in_g,
+    c_out_g,
+    size,
+    kernel,
+    stride,
+    padding,
+    dilation,
+    dtype,
+    granularity,
+    seed,
+):
     c_in, c_out = c_in_g * groups, c_out_g * groups
     h, w_ = size
-    if (h + 2 * padding - dilation * (kernel - 1)) < 1 or (w_ + 2 * padding - dilation * (kernel - 1)) < 1:
+    if (h + 2 * padding - dilation * (kernel - 1)) < 1 or (
+        w_ + 2 * padding - dilation * (kernel - 1)
+    ) < 1:
         return  # no output position
     x = _relu_input((batch, c_in, h, w_), dtype, seed)
     weight = torch.randn(c_out, c_in_g, kernel, kernel).to(dtype)
     bias = torch.randn(c_out).to(dtype)
-    shape = {"element": x.shape, "channel": (batch, c_in, 1, 1), "spatial": (batch, 1, h, w_),
-             "shared": (1, c_in, 1, 1), "empty": x.shape}.get(granularity)
-    mask = None if shape is None else _mask(shape, "empty" if granularity == "empty" else "half",
-                                            seed)
+    shape = {
+        "element": x.shape,
+        "channel": (batch, c_in, 1, 1),
+        "spatial": (batch, 1, h, w_),
+        "shared": (1, c_in, 1, 1),
+        "empty": x.shape,
+    }.get(granularity)
+    mask = (
+        None if shape is None else _mask(shape, "empty" if granularity == "empty" else "half", seed)
+    )
     args = (stride, padding, dilation, groups)
 
     y, macs = mgemm.conv2d(x, weight, bias, *args, in_mask=mask, backend=backend)
@@ -166,14 +194,16 @@ def test_conv2d_macs_skip_padding():
     renormalize=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_attention_values_matches_brute_force(backend, lead, lq, lk, d, dtype, kind, renormalize,
-                                              seed):
+def test_attention_values_matches_brute_force(
+    backend, lead, lq, lk, d, dtype, kind, renormalize, seed
+):
     probs = torch.randn(*lead, lq, lk).softmax(-1).to(dtype)
     v = torch.randn(*lead, lk, d).to(dtype)
     mask = None if kind == "none" else _mask(probs.shape, kind, seed)
 
-    out, macs = mgemm.attention_values(probs, v, key_mask=mask, renormalize=renormalize,
-                                       backend=backend)
+    out, macs = mgemm.attention_values(
+        probs, v, key_mask=mask, renormalize=renormalize, backend=backend
+    )
 
     p = probs.double().reshape(-1, lq, lk)
     m = torch.ones_like(p, dtype=torch.bool) if mask is None else mask.reshape(-1, lq, lk)
@@ -208,19 +238,42 @@ def test_gradients_flow_through_kept_inputs_only():
         (lambda: mgemm.linear(torch.randn(2, 5), torch.randn(3, 4)), ValueError, "expects 4"),
         (lambda: mgemm.linear(torch.randn(2, 4), torch.randn(3, 4).double()), TypeError, "dtype"),
         (lambda: mgemm.linear(torch.randn(2, 4).int(), torch.randn(3, 4)), TypeError, "float"),
-        (lambda: mgemm.linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(4)), ValueError,
-         "bias"),
-        (lambda: mgemm.linear(torch.randn(2, 4), torch.randn(3, 4), in_mask=torch.ones(2, 4)),
-         TypeError, "bool"),
-        (lambda: mgemm.linear(torch.randn(2, 4), torch.randn(3, 4),
-                              in_mask=torch.ones(3, 4, dtype=torch.bool)), ValueError, "broadcast"),
-        (lambda: mgemm.linear(torch.randn(2, 4), torch.randn(3, 4),
-                              in_mask=torch.ones(4, dtype=torch.bool, device="meta")), ValueError,
-         "meta"),
-        (lambda: mgemm.conv2d(torch.randn(1, 3, 4, 4), torch.randn(2, 2, 3, 3)), ValueError,
-         "groups"),
-        (lambda: mgemm.attention_values(torch.rand(2, 3, 4), torch.rand(2, 5, 4)), ValueError,
-         "do not match"),
+        (
+            lambda: mgemm.linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(4)),
+            ValueError,
+            "bias",
+        ),
+        (
+            lambda: mgemm.linear(torch.randn(2, 4), torch.randn(3, 4), in_mask=torch.ones(2, 4)),
+            TypeError,
+            "bool",
+        ),
+        (
+            lambda: mgemm.linear(
+                torch.randn(2, 4), torch.randn(3, 4), in_mask=torch.ones(3, 4, dtype=torch.bool)
+            ),
+            ValueError,
+            "broadcast",
+        ),
+        (
+            lambda: mgemm.linear(
+                torch.randn(2, 4),
+                torch.randn(3, 4),
+                in_mask=torch.ones(4, dtype=torch.bool, device="meta"),
+            ),
+            ValueError,
+            "meta",
+        ),
+        (
+            lambda: mgemm.conv2d(torch.randn(1, 3, 4, 4), torch.randn(2, 2, 3, 3)),
+            ValueError,
+            "groups",
+        ),
+        (
+            lambda: mgemm.attention_values(torch.rand(2, 3, 4), torch.rand(2, 5, 4)),
+            ValueError,
+            "do not match",
+        ),
     ],
 )
 def test_bad_input_raises_clear_errors(call, error, words):
@@ -235,11 +288,18 @@ def fake_backend(monkeypatch):
 
     def linear(x, weight, bias=None, *, in_mask=None, out_mask=None):
         calls.append("fake")
-        return BACKENDS["reference"].ops["linear"](x, weight, bias, in_mask=in_mask,
-                                                   out_mask=out_mask)
+        return BACKENDS["reference"].ops["linear"](
+            x, weight, bias, in_mask=in_mask, out_mask=out_mask
+        )
 
-    backend = Backend("fake", frozenset({"cpu"}), frozenset({torch.float32}), {"linear": linear},
-                      priority=5, differentiable=False)
+    backend = Backend(
+        "fake",
+        frozenset({"cpu"}),
+        frozenset({torch.float32}),
+        {"linear": linear},
+        priority=5,
+        differentiable=False,
+    )
     monkeypatch.setitem(BACKENDS._entries, "fake", backend)
     monkeypatch.delenv("SELACT_BACKEND", raising=False)
     monkeypatch.setattr("selact.mgemm.registry._warned", set())

@@ -19,8 +19,11 @@ def test_dense_macs_equal_flop_counter_on_resnet18_batch1():
     with torch.no_grad():
         model(x)
     report = selact.stats(model)
-    counted = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear
-                                                                  | selact.SelectiveModule)]
+    counted = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear | selact.SelectiveModule)
+    ]
     assert set(report.layers) == set(counted) and len(counted) == 21
     for name, layer in report.layers.items():
         expected = sum(flops[f"ResNet.{name}"].values()) // 2

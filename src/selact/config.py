@@ -6,7 +6,7 @@ import dataclasses
 import json
 import re
 from collections.abc import Mapping
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 GRANULARITIES = ("element", "block", "channel", "spatial", "batch_shared")
 BUDGETS = ("topk", "threshold")
@@ -95,7 +95,7 @@ def _check_density(field: str, value: object) -> None:
         raise ValueError(f"{field} must be in (0, 1], got {value!r}")
 
 
-Override = Union[SelectiveConfig, Mapping[str, Any], None]
+Override = SelectiveConfig | Mapping[str, Any] | None
 
 
 def resolve_config(

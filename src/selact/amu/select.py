@@ -97,7 +97,9 @@ def _linear_element(s, g):
 
 def _linear_block(s, g):
     k = s.shape[-1]
-    return Pooled(_block_mean(_rows(s), 1, g), lambda keep: _unblock(keep, 1, g, k).reshape(s.shape))
+    return Pooled(
+        _block_mean(_rows(s), 1, g), lambda keep: _unblock(keep, 1, g, k).reshape(s.shape)
+    )
 
 
 def _linear_channel(s, g):
@@ -120,9 +122,7 @@ def _conv_element(s, g):
 def _conv_block(s, g):
     b, c, h, w = s.shape
     blocks = _block_mean(s, 1, g)
-    return Pooled(
-        blocks.flatten(1), lambda keep: _unblock(keep.reshape(blocks.shape), 1, g, c)
-    )
+    return Pooled(blocks.flatten(1), lambda keep: _unblock(keep.reshape(blocks.shape), 1, g, c))
 
 
 def _conv_channel(s, g):

@@ -53,14 +53,15 @@ def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, backend=None):
         _check_operand("bias", bias, x, ndim=1, size=weight.shape[0])
     _check_mask("in_mask", in_mask, x, tuple(x.shape))
     _check_mask("out_mask", out_mask, x, (*x.shape[:-1], weight.shape[0]))
-    case = _case("linear", (x, weight, bias), x=x, weight=weight, in_mask=in_mask, out_mask=out_mask)
-    return choose(case, backend).ops["linear"](
-        x, weight, bias, in_mask=in_mask, out_mask=out_mask
+    case = _case(
+        "linear", (x, weight, bias), x=x, weight=weight, in_mask=in_mask, out_mask=out_mask
     )
+    return choose(case, backend).ops["linear"](x, weight, bias, in_mask=in_mask, out_mask=out_mask)
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, in_mask=None,
-           backend=None):
+def conv2d(
+    x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, in_mask=None, backend=None
+):
     """``Y = conv2d(M ⊙ X, W) + b`` with :func:`torch.nn.functional.conv2d`'s arguments.
 
     Args:

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 
-def linear_macs(kept: torch.Tensor, out_mask: torch.Tensor | None, out_features: int) -> torch.Tensor:
+def linear_macs(
+    kept: torch.Tensor, out_mask: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
     """MACs of ``y = (M ⊙ X) Wᵀ`` where ``kept`` (..., K) marks the inputs that are multiplied.
 
     Each kept input of a row is multiplied by every kept output's weight: the count is

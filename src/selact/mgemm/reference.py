@@ -11,7 +11,9 @@ from selact.mgemm.registry import Backend, register_backend
 
 def _apply_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     # where() rather than a product: gradients reach kept inputs only, and a dropped inf stays out.
-    return x if mask is None else torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return (
+        x if mask is None else torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    )
 
 
 def linear(x, weight, bias=None, *, in_mask=None, out_mask=None):

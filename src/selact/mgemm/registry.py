@@ -98,8 +98,11 @@ def choose(case: Case, requested: str | None = None) -> Backend:
     )
     # Training on an inference-only backend's device is normal: the reference serves it silently.
     candidates = [
-        b for b in candidates
-        if case.device in b.devices and case.op in b.ops and (b.differentiable or not case.needs_grad)
+        b
+        for b in candidates
+        if case.device in b.devices
+        and case.op in b.ops
+        and (b.differentiable or not case.needs_grad)
     ]
     reasons = []
     for backend in candidates:

@@ -31,9 +31,10 @@ class SelectiveProjection(SelectiveModule):
     kind = "linear"
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.check_input(x)
+        self.check_input(x, size=weight.shape[1])
         mask = self.input_mask(x, weight, "linear")
-        y, executed = mgemm.linear(x, weight, bias, in_mask=mask, backend=self.config.backend)
+        with self.blame():
+            y, executed = mgemm.linear(x, weight, bias, in_mask=mask, backend=self.config.backend)
         if self.config.counting:
             with torch.no_grad():
                 zero_skip = mgemm.linear_macs(x != 0, None, weight.shape[0])
@@ -63,8 +64,9 @@ class SelectiveAttentionValues(SelectiveModule):
             qk = probs.numel() * v.shape[-1]  # the QKᵀ that produced probs, done densely
             with torch.no_grad():
                 zero_skip = (probs != 0).sum(dtype=torch.int64) * v.shape[-1]
-            self.record(probs, key_mask, dense=2 * qk, zero_skip=qk + zero_skip,
-                        executed=qk + executed)
+            self.record(
+                probs, key_mask, dense=2 * qk, zero_skip=qk + zero_skip, executed=qk + executed
+            )
         return out
 
 
@@ -93,11 +95,24 @@ class SelectiveMultiheadAttention(Converted, nn.Module):
                 "converted"
             )
         self.config = config
-        for attr in ("embed_dim", "kdim", "vdim", "num_heads", "head_dim", "dropout",
-                     "batch_first", "_qkv_same_embed_dim"):
+        for attr in (
+            "embed_dim",
+            "kdim",
+            "vdim",
+            "num_heads",
+            "head_dim",
+            "dropout",
+            "batch_first",
+            "_qkv_same_embed_dim",
+        ):
             setattr(self, attr, getattr(mha, attr))
-        for param in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
-                      "in_proj_bias"):
+        for param in (
+            "in_proj_weight",
+            "q_proj_weight",
+            "k_proj_weight",
+            "v_proj_weight",
+            "in_proj_bias",
+        ):
             self.register_parameter(param, getattr(mha, param))
         in_proj_config = resolve(f"{name}.in_proj")
         self.in_proj = SelectiveProjection(in_proj_config) if in_proj_config else None
@@ -106,10 +121,21 @@ class SelectiveMultiheadAttention(Converted, nn.Module):
         self.remember(mha)
 
     def _project(self, x, weight, bias):
-        return self.in_proj(x, weight, bias) if self.in_proj is not None else F.linear(x, weight, bias)
+        return (
+            self.in_proj(x, weight, bias) if self.in_proj is not None else F.linear(x, weight, bias)
+        )
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
-                attn_mask=None, average_attn_weights=True, is_causal=False):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -122,10 +148,15 @@ class SelectiveMultiheadAttention(Converted, nn.Module):
         if self._qkv_same_embed_dim and query is key and key is value:
             q, k, v = self._project(query, self.in_proj_weight, self.in_proj_bias).chunk(3, -1)
         else:
-            weights = (self.in_proj_weight.chunk(3) if self._qkv_same_embed_dim
-                       else (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight))
-            q, k, v = (self._project(t, w, b)
-                       for t, w, b in zip((query, key, value), weights, biases, strict=True))
+            weights = (
+                self.in_proj_weight.chunk(3)
+                if self._qkv_same_embed_dim
+                else (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+            )
+            q, k, v = (
+                self._project(t, w, b)
+                for t, w, b in zip((query, key, value), weights, biases, strict=True)
+            )
         b, lq, ls = q.shape[0], q.shape[1], k.shape[1]
         q, k, v = (t.reshape(b, -1, h, e // h).transpose(1, 2) for t in (q, k, v))
         scores = (q * (e // h) ** -0.5) @ k.transpose(-2, -1)
@@ -174,7 +205,10 @@ class SelectiveShiftedWindowAttention(Converted, nn.Module):
         self.config = config
         self.window_size, self.shift_size = swa.window_size, swa.shift_size
         self.num_heads, self.attention_dropout, self.dropout = (
-            swa.num_heads, swa.attention_dropout, swa.dropout)
+            swa.num_heads,
+            swa.attention_dropout,
+            swa.dropout,
+        )
         for child_name, child in swa.named_children():
             self.add_module(child_name, child)
         for param_name, param in swa.named_parameters(recurse=False):
@@ -202,8 +236,10 @@ class SelectiveShiftedWindowAttention(Converted, nn.Module):
         x = x.permute(0, 1, 3, 2, 4, 5).reshape(batch * n_windows, window[0] * window[1], c)
         qkv = self.qkv(x)
         if logit_scale is not None and self.qkv.bias is not None:  # V2: keys carry no bias
-            qkv = torch.cat([qkv[..., :c], qkv[..., c:2 * c] - self.qkv.bias[c:2 * c],
-                             qkv[..., 2 * c:]], -1)
+            qkv = torch.cat(
+                [qkv[..., :c], qkv[..., c : 2 * c] - self.qkv.bias[c : 2 * c], qkv[..., 2 * c :]],
+                -1,
+            )
         h = self.num_heads
         q, k, v = qkv.reshape(x.size(0), x.size(1), 3, h, c // h).permute(2, 0, 3, 1, 4)
         if logit_scale is not None:
@@ -232,7 +268,7 @@ def _window_shift_mask(x, ph, pw, window, shift, n_windows):
     count = 0
     for hs in ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None)):
         for ws in ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None)):
-            mask[hs[0]:hs[1], ws[0]:ws[1]] = count
+            mask[hs[0] : hs[1], ws[0] : ws[1]] = count
             count += 1
     mask = mask.view(ph // window[0], window[0], pw // window[1], window[1])
     mask = mask.permute(0, 2, 1, 3).reshape(n_windows, window[0] * window[1])
@@ -254,7 +290,10 @@ class SelectiveTimmAttention(Converted, nn.Module):
         super().__init__()
         self.config = config
         self.num_heads, self.head_dim, self.scale = (
-            attention.num_heads, attention.head_dim, attention.scale)
+            attention.num_heads,
+            attention.head_dim,
+            attention.scale,
+        )
         self.attn_dim = getattr(attention, "attn_dim", attention.num_heads * attention.head_dim)
         for child_name, child in attention.named_children():
             self.add_module(child_name, child)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -74,22 +77,63 @@ class SelectiveModule(Converted, nn.Module):
         if amu.STRATEGIES[self.config.strategy].uses_weight:
             norms = self._input_norms(weight, layout, groups)
         return amu.mask(
-            x, weight, self.config, layout=layout, groups=groups, threshold=threshold, norms=norms,
+            x,
+            weight,
+            self.config,
+            layout=layout,
+            groups=groups,
+            threshold=threshold,
+            norms=norms,
             observe=self.score_sample.add if calibrating else None,
         )
 
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise if ``x`` holds NaN or inf, naming this layer (when ``check_finite``)."""
+    def check_input(
+        self,
+        x: torch.Tensor,
+        *,
+        dims: tuple[int, ...] | None = None,
+        size: int | None = None,
+        dim: int = -1,
+    ) -> None:
+        """Raise a clear error naming this layer if ``x`` is not a float tensor of ``dims``
+        dimensions with ``size`` entries along ``dim``, or holds NaN or inf (``check_finite``)."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise self.error(TypeError, f"expects a floating-point tensor, got {got}")
+        if (dims is not None and x.dim() not in dims) or (
+            size is not None and x.shape[dim] != size
+        ):
+            want = f"{' or '.join(map(str, dims))}-D" if dims else "a tensor"
+            want += f" with {size} entries in dim {dim}" if size is not None else ""
+            raise self.error(ValueError, f"expects {want}, got shape {tuple(x.shape)}")
         if self.config.check_finite and not bool(torch.isfinite(x).all()):
-            raise ValueError(
-                f"selective layer {self.layer_name or type(self).__name__!r}: its input of shape "
-                f"{tuple(x.shape)} holds NaN or inf (set check_finite=False to skip this check)"
+            raise self.error(
+                ValueError,
+                f"its input of shape {tuple(x.shape)} holds NaN or inf "
+                "(set check_finite=False to skip this check)",
             )
+
+    @contextlib.contextmanager
+    def blame(self) -> Iterator[None]:
+        """Prefix this layer's name to the ValueError or TypeError raised inside (from MGEMM)."""
+        try:
+            yield
+        except (ValueError, TypeError) as error:
+            raise self.error(type(error), str(error)) from error
+
+    def error(self, kind: type[Exception], message: str) -> Exception:
+        """An exception of ``kind`` whose message starts with this layer's name."""
+        return kind(f"selective layer {self.layer_name or type(self).__name__!r}: {message}")
 
     @torch.no_grad()
     def record(
-        self, x: torch.Tensor, mask: torch.Tensor | None, *, dense: int,
-        zero_skip: torch.Tensor | int, executed: torch.Tensor | int,
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        *,
+        dense: int,
+        zero_skip: torch.Tensor | int,
+        executed: torch.Tensor | int,
     ) -> None:
         """Add one call's counts; ``mask`` gives the kept density over ``x``."""
         if not self.config.counting:
@@ -100,8 +144,12 @@ class SelectiveModule(Converted, nn.Module):
         else:
             kept = mask.sum(dtype=torch.int64) * (inputs // max(mask.numel(), 1))
         self.counter.add(
-            x.device, dense_macs=dense, zero_skip_macs=zero_skip, executed_macs=executed,
-            kept=kept, inputs=inputs,
+            x.device,
+            dense_macs=dense,
+            zero_skip_macs=zero_skip,
+            executed_macs=executed,
+            kept=kept,
+            inputs=inputs,
         )
 
     def _fitted_threshold(self) -> torch.Tensor:

@@ -138,8 +138,9 @@ def densify(model: nn.Module) -> nn.Module:
 
     def restore(module: nn.Module, name: str) -> nn.Module:
         dense_count.detach(module)
-        return module.to_dense() if isinstance(module, Converted) and _has_original(module) \
-            else module
+        return (
+            module.to_dense() if isinstance(module, Converted) and _has_original(module) else module
+        )
 
     _walk(model, "", restore, children_first=True)
     return restore(model, "")

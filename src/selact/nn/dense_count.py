@@ -17,7 +17,9 @@ def attach(module: nn.Module) -> None:
     if not isinstance(module, nn.Conv2d | nn.Linear) or hasattr(module, _ATTR):
         return
     counter = Counter()
-    handle = module.register_forward_hook(_count_conv if isinstance(module, nn.Conv2d) else _count_linear)
+    handle = module.register_forward_hook(
+        _count_conv if isinstance(module, nn.Conv2d) else _count_linear
+    )
     setattr(module, _ATTR, (counter, handle))
 
 
@@ -38,8 +40,12 @@ def _count_linear(module: nn.Linear, args, output) -> None:
     dense = dense_linear_macs(x.shape, module.out_features)
     zero_skip = linear_macs(x != 0, None, module.out_features)
     dense_counter(module).add(
-        x.device, dense_macs=dense, zero_skip_macs=zero_skip, executed_macs=dense,
-        kept=x.numel(), inputs=x.numel(),
+        x.device,
+        dense_macs=dense,
+        zero_skip_macs=zero_skip,
+        executed_macs=dense,
+        kept=x.numel(),
+        inputs=x.numel(),
     )
 
 
@@ -57,6 +63,10 @@ def _count_conv(module: nn.Conv2d, args, output) -> None:
         x != 0, module.weight.shape, module.stride, padding, module.dilation, module.groups
     )
     dense_counter(module).add(
-        x.device, dense_macs=dense, zero_skip_macs=zero_skip, executed_macs=dense,
-        kept=x.numel(), inputs=x.numel(),
+        x.device,
+        dense_macs=dense,
+        zero_skip_macs=zero_skip,
+        executed_macs=dense,
+        kept=x.numel(),
+        inputs=x.numel(),
     )

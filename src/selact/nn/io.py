@@ -61,7 +61,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{path} is not a valid selact checkpoint: {error}") from error
     if converted:
         sparsify(
-            model, next(iter(converted.values())),
+            model,
+            next(iter(converted.values())),
             filter_fn=lambda module, name: name in converted,
             overrides={**converted, **layers},
         )

@@ -30,11 +30,12 @@ class SelectiveLinear(SelectiveModule):
         self.remember(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
+        self.check_input(x, size=self.in_features)
         mask = self.input_mask(x, self.weight, "linear")
-        y, executed = mgemm.linear(
-            x, self.weight, self.bias, in_mask=mask, backend=self.config.backend
-        )
+        with self.blame():
+            y, executed = mgemm.linear(
+                x, self.weight, self.bias, in_mask=mask, backend=self.config.backend
+            )
         if self.config.counting:
             with torch.no_grad():
                 zero_skip = mgemm.linear_macs(x != 0, None, self.out_features)
@@ -59,15 +60,24 @@ class SelectiveConv2d(SelectiveModule):
 
     def __init__(self, conv: nn.Conv2d, config: SelectiveConfig) -> None:
         super().__init__(config)
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
-                     "dilation", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+        for name in (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "groups",
+            "padding_mode",
+            "_reversed_padding_repeated_twice",
+        ):
             setattr(self, name, getattr(conv, name))
         self.weight = conv.weight
         self.register_parameter("bias", conv.bias)
         self.remember(conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
+        self.check_input(x, dims=(3, 4), size=self.in_channels, dim=-3)
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
@@ -77,9 +87,10 @@ class SelectiveConv2d(SelectiveModule):
             padding = 0
         mask = self.input_mask(x, self.weight, "conv", self.groups)
         args = (self.stride, padding, self.dilation, self.groups)
-        y, executed = mgemm.conv2d(
-            x, self.weight, self.bias, *args, in_mask=mask, backend=self.config.backend
-        )
+        with self.blame():
+            y, executed = mgemm.conv2d(
+                x, self.weight, self.bias, *args, in_mask=mask, backend=self.config.backend
+            )
         if self.config.counting:
             with torch.no_grad():
                 zero_skip = mgemm.conv2d_macs(x != 0, self.weight.shape, *args)

@@ -70,7 +70,12 @@ class LayerStats:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for name in ("density", "executed_fraction", "zero_skip_fraction", "executed_over_zero_skip"):
+        for name in (
+            "density",
+            "executed_fraction",
+            "zero_skip_fraction",
+            "executed_over_zero_skip",
+        ):
             data[name] = getattr(self, name)
         return data
 
@@ -89,8 +94,17 @@ class Stats:
         }
 
     def __str__(self) -> str:
-        head = ("layer", "kind", "sel", "density", "dense MACs", "zero-skip", "executed",
-                "exec/dense", "exec/zs")
+        head = (
+            "layer",
+            "kind",
+            "sel",
+            "density",
+            "dense MACs",
+            "zero-skip",
+            "executed",
+            "exec/dense",
+            "exec/zs",
+        )
         rows = [_row(s) for s in (*self.layers.values(), self.total)]
         widths = [max(len(str(r[i])) for r in (head, *rows)) for i in range(len(head))]
 
@@ -107,9 +121,15 @@ class Stats:
 
 def _row(s: LayerStats) -> tuple[str, ...]:
     return (
-        s.name, s.kind, "yes" if s.converted else "no", f"{s.density:.3f}",
-        f"{s.dense_macs:,}", f"{s.zero_skip_macs:,}", f"{s.executed_macs:,}",
-        f"{s.executed_fraction:.3f}", f"{s.executed_over_zero_skip:.3f}",
+        s.name,
+        s.kind,
+        "yes" if s.converted else "no",
+        f"{s.density:.3f}",
+        f"{s.dense_macs:,}",
+        f"{s.zero_skip_macs:,}",
+        f"{s.executed_macs:,}",
+        f"{s.executed_fraction:.3f}",
+        f"{s.executed_over_zero_skip:.3f}",
     )
 
 
@@ -123,8 +143,9 @@ def collect(model: nn.Module) -> Stats:
         kind, converted, counter = counted
         layers[name] = LayerStats(name=name, kind=kind, converted=converted, **counter.read())
     sums = {f: sum(getattr(s, f) for s in layers.values()) for f in _FIELDS}
-    total = LayerStats(name="total", kind="", converted=any(s.converted for s in layers.values()),
-                       **sums)
+    total = LayerStats(
+        name="total", kind="", converted=any(s.converted for s in layers.values()), **sums
+    )
     return Stats(layers=layers, total=total)
 
 
