@@ -105,9 +105,17 @@ def test_replace_validates():
 
 CONFIGS = [
     SelectiveConfig(),
-    SelectiveConfig(strategy="sapw", density=0.35, granularity="block", block=4,
-                    budget="threshold", key_density=0.25, counting=False, check_finite=False,
-                    backend="reference"),
+    SelectiveConfig(
+        strategy="sapw",
+        density=0.35,
+        granularity="block",
+        block=4,
+        budget="threshold",
+        key_density=0.25,
+        counting=False,
+        check_finite=False,
+        backend="reference",
+    ),
     SelectiveConfig(strategy="zero_skip", density=1, granularity="batch_shared"),
 ]
 

@@ -8,10 +8,11 @@ import os
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-from torchvision.io import decode_jpeg, encode_jpeg
+from PIL import Image
 
 from selact.data import (
     CLASSES,
@@ -24,12 +25,8 @@ from selact.data import (
     split_indices,
 )
 from selact.data import cifar10 as cifar10_module
-from selact.data.paths import (
-    atomic_torch_save,
-    atomic_write_text,
-    data_root,
-    unpack_archive,
-)
+from selact._files import atomic_torch_save, atomic_write, atomic_write_text
+from selact.data.paths import data_root, unpack_archive
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PER_CLASS = {"train": 4, "test": 2}  # images per class in the synthetic tree
@@ -51,13 +48,19 @@ def _image(label: int, index: int) -> torch.Tensor:
     return image
 
 
+def _jpeg(image: torch.Tensor, quality: int = 95) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
 def _write_tree(root: Path) -> Path:
     for split, n in PER_CLASS.items():
         for label, name in enumerate(CLASSES):
             folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(n):
-                (folder / f"{i:04d}.jpg").write_bytes(encode_jpeg(_image(label, i), quality=95).numpy().tobytes())
+                (folder / f"{i:04d}.jpg").write_bytes(_jpeg(_image(label, i)))
     return root
 
 
@@ -98,6 +101,12 @@ def test_tree_one_folder_down(tree):
     _check_synthetic(images, labels, "test")
 
 
+def test_two_trees_one_folder_down_are_ambiguous(tree):
+    _write_tree(tree.parent / "other")
+    with pytest.raises(ValueError, match="several train/ test/ trees"):
+        load_cifar10(tree.parent, "test")
+
+
 def test_archive_unpacked_once_and_cached(archive_dir, monkeypatch):
     first = load_cifar10(archive_dir, "test")
     _check_synthetic(*first, "test")
@@ -120,7 +129,7 @@ def test_archive_cache_miss_reuses_unpacked_tree(archive_dir, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("unpacked again")
 
-    monkeypatch.setattr(cifar10_module.tarfile if hasattr(cifar10_module, "tarfile") else tarfile, "open", fail)
+    monkeypatch.setattr(tarfile, "open", fail)
     _check_synthetic(*load_cifar10(archive_dir, "train"), "train")
 
 
@@ -136,7 +145,7 @@ def test_corrupt_cache_is_rebuilt(tree, caplog):
 def test_changed_tree_is_decoded_again(tree):
     before, _ = load_cifar10(tree, "test")
     path = tree / "test" / "cat" / "0000.jpg"
-    path.write_bytes(encode_jpeg(torch.full((3, 32, 32), 255, dtype=torch.uint8)).numpy().tobytes())
+    path.write_bytes(_jpeg(torch.full((3, 32, 32), 255, dtype=torch.uint8)))
     after, _ = load_cifar10(tree, "test")
     k = CLASSES.index("cat") * PER_CLASS["test"]
     assert not torch.equal(before[k], after[k]) and after[k].float().mean() > 250
@@ -177,8 +186,8 @@ def test_corrupt_jpeg_is_named(tree):
 
 def test_wrong_image_size_is_named(tree):
     big = torch.zeros(3, 40, 32, dtype=torch.uint8)
-    (tree / "test" / "ship" / "0000.jpg").write_bytes(encode_jpeg(big).numpy().tobytes())
-    with pytest.raises(ValueError, match=r"ship.0000\.jpg: expected a 32x32"):
+    (tree / "test" / "ship" / "0000.jpg").write_bytes(_jpeg(big))
+    with pytest.raises(ValueError, match=r"ship.0000\.jpg: expected a 32x32 RGB image, got 32x40"):
         load_cifar10(tree, "test")
 
 
@@ -249,8 +258,8 @@ def test_split_indices_rejects_bad_sizes():
     labels = torch.tensor([0, 0, 1, 1])
     with pytest.raises(ValueError, match="val_size"):
         split_indices(labels, 4)
-    with pytest.raises(ValueError, match="class"):
-        split_indices(torch.tensor([0, 0, 0, 1]), 3)
+    with pytest.raises(ValueError, match="class 1, which has 1"):
+        split_indices(torch.tensor([0, 0, 0, 0, 1]), 4)
 
 
 def test_normalize_matches_torchvision():
@@ -315,8 +324,14 @@ def test_atomic_writes(tmp_path):
     assert path.read_text() == "{}\n"
     atomic_torch_save(tmp_path / "t.pt", {"x": torch.ones(2)})
     assert torch.load(tmp_path / "t.pt")["x"].sum() == 2
-    with pytest.raises(RuntimeError):
-        atomic_torch_save(tmp_path / "bad.pt", {"f": lambda: 0})  # not picklable
+
+    def crash(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(tmp_path / "t.pt", crash)
+    assert torch.load(tmp_path / "t.pt")["x"].sum() == 2  # the old file is untouched
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["out.json", "sub", "t.pt"]
 
 
@@ -331,15 +346,25 @@ def test_data_root_precedence(tmp_path, monkeypatch):
         data_root(None)
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One cache folder for the whole session (same path in test_demo), so the real archive is
+    unpacked and decoded once per session."""
+    path = tmp_path_factory.getbasetemp() / "selact-cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "cifar10-jpeg.tar.gz").is_file(), reason="no ../shared/data")
-def test_shared_archive_test_split():
+def test_shared_archive_test_split(shared_cache, monkeypatch):
+    monkeypatch.setenv("SELACT_CACHE", str(shared_cache))
     images, labels = load_cifar10(SHARED_DATA, "test")
     assert images.shape == (10000, 3, 32, 32) and images.dtype == torch.uint8
     assert labels.bincount().tolist() == [1000] * 10
-    first = decode_jpeg(
-        torch.frombuffer(bytearray(_member(SHARED_DATA / "cifar10-jpeg.tar.gz", "test/airplane/0000.jpg")), dtype=torch.uint8)
-    )
-    assert torch.equal(images[0], first)
+    jpeg = _member(SHARED_DATA / "cifar10-jpeg.tar.gz", "test/airplane/0000.jpg")
+    first = torch.from_numpy(np.array(Image.open(io.BytesIO(jpeg)).convert("RGB")))
+    assert torch.equal(images[0], first.permute(2, 0, 1))
     assert 100 < images.float().mean() < 140  # natural images, not blank
 
 

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from selact.data.paths import atomic_write_text
+from selact._files import atomic_write_text
 from selact.experiments.demo import DemoConfig, DemoResult, run_demo
 
 app = typer.Typer(help="Selective activation for PyTorch.", no_args_is_help=True)
@@ -57,13 +57,16 @@ def _table(result: DemoResult) -> Table:
 def demo(
     data: Annotated[
         Path | None,
-        typer.Option(help="CIFAR-10: a folder holding cifar10-jpeg.tar.gz, its unpacked tree, or "
-                     "cifar-10-batches-py/ (default: $SELACT_DATA, then the cache folder)."),
+        typer.Option(
+            help="CIFAR-10: a folder holding cifar10-jpeg.tar.gz, its unpacked tree, or "
+            "cifar-10-batches-py/ (default: $SELACT_DATA, then the cache folder)."
+        ),
     ] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = DemoConfig.epochs,
     seed: Annotated[int, typer.Option(help="Seed of init, batch order and augmentation.")] = 0,
     smoke: Annotated[
-        bool, typer.Option(help="512 training and 256 test images, 1 epoch (ignores --epochs): seconds.")
+        bool,
+        typer.Option(help="512 training and 256 test images, 1 epoch (ignores --epochs): seconds."),
     ] = False,
     download: Annotated[
         bool, typer.Option(help="Allow a torchvision download into the cache folder.")

@@ -112,7 +112,15 @@ def resolve_config(
     if name in overrides:
         return _apply(default, overrides[name])
     for key, value in overrides.items():
-        if key.startswith("re:") and re.fullmatch(key[3:], name):
+        if not key.startswith("re:"):
+            continue
+        try:
+            matched = re.fullmatch(key[3:], name)
+        except re.error as error:
+            raise ValueError(
+                f"override {key!r} is not a valid regular expression: {error}"
+            ) from None
+        if matched:
             return _apply(default, value)
     return default
 

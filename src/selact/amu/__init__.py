@@ -60,8 +60,8 @@ def mask(
         config: strategy, density, granularity, budget and block size.
         threshold: the calibrated threshold, required when ``config.budget == "threshold"``.
         norms: precomputed :func:`input_norms` (a layer caches them); computed when ``None``.
-        observe: if given, receives the pooled scores (U, n) and the mask is top-k: this is
-            how calibration samples scores while running the layer as it will run.
+        observe: if given, receives the pooled scores (U, n); with no threshold yet the mask is
+            then top-k. This is how calibration samples the scores a layer sees.
     """
     strategy = STRATEGIES[config.strategy]
     if not strategy.uses_budget:
@@ -76,11 +76,10 @@ def mask(
     pooled = pool(scores, layout, config.granularity, config.block)
     if observe is not None:
         observe(pooled.scores)
-        keep = topk_keep(pooled.scores, config.density)
-    elif config.budget == "threshold":
-        if threshold is None:
-            raise ValueError("budget='threshold' needs a calibrated threshold")
+    if config.budget == "threshold" and threshold is not None:
         keep = threshold_keep(pooled.scores, threshold)
+    elif config.budget == "threshold" and observe is None:
+        raise ValueError("budget='threshold' needs a calibrated threshold")
     else:
         keep = topk_keep(pooled.scores, config.density)
     return pooled.expand(keep)

@@ -56,8 +56,10 @@ def topk_keep(pooled: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def threshold_keep(pooled: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Bool (U, n) keeping the scores above ``threshold``."""
-    return pooled > threshold.to(pooled.dtype)
+    """Bool (U, n) keeping the scores above ``threshold``, compared in float32: rounding the
+    threshold to a half-precision score dtype would move it across scores."""
+    dtype = torch.promote_types(torch.promote_types(pooled.dtype, threshold.dtype), torch.float32)
+    return pooled.to(dtype) > threshold.to(dtype)
 
 
 def _block_mean(s: torch.Tensor, dim: int, g: int) -> torch.Tensor:

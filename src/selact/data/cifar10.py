@@ -17,11 +17,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from PIL import Image, UnidentifiedImageError
 
-from selact.data.paths import atomic_torch_save, cache_dir, data_root, file_digest, unpack_archive
+from selact._files import atomic_torch_save
+from selact.data.paths import cache_dir, data_root, file_digest, unpack_archive
 
 __all__ = [
     "CLASSES",
@@ -87,6 +89,9 @@ def _find_source(root: Path) -> _Source:
     if (root / ARCHIVE_NAME).is_file():
         return _Source("archive", root / ARCHIVE_NAME)
     trees = sorted(p for p in root.iterdir() if p.is_dir() and _is_tree(p))
+    if len(trees) > 1:
+        names = ", ".join(p.name for p in trees)
+        raise ValueError(f"{root}: several train/ test/ trees ({names}); give one of them")
     if trees:
         return _Source("tree", trees[0])
     raise FileNotFoundError(
@@ -112,14 +117,17 @@ def _split_files(tree: Path, split: str) -> list[tuple[Path, int]]:
 def _decode(files: list[tuple[Path, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode JPEGs into (N, 3, 32, 32) uint8 images and (N,) int64 labels."""
     images = torch.empty(len(files), 3, _IMAGE_SIZE, _IMAGE_SIZE, dtype=torch.uint8)
+    # PIL rather than torchvision.io, whose decoders are deprecated since torchvision 0.29.
     for i, (path, _) in enumerate(files):
         try:
-            image = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
-        except RuntimeError as err:
+            with Image.open(path) as image:
+                size = image.size
+                pixels = np.array(image.convert("RGB"))  # a writable copy
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise ValueError(f"{path}: not a readable JPEG ({err})") from err
-        if image.shape != images.shape[1:]:
-            raise ValueError(f"{path}: expected a 32x32 RGB image, got shape {tuple(image.shape)}")
-        images[i] = image
+        if size != (_IMAGE_SIZE, _IMAGE_SIZE):
+            raise ValueError(f"{path}: expected a 32x32 RGB image, got {size[0]}x{size[1]}")
+        images[i] = torch.from_numpy(pixels).permute(2, 0, 1)
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return images, labels
 
@@ -129,7 +137,9 @@ def _tree_key(files: list[tuple[Path, int]]) -> str:
     digest = hashlib.sha256(str(files[0][0].resolve().parents[2]).encode())
     for path, label in files:
         st = path.stat()
-        digest.update(f"{path.parent.name}/{path.name}:{label}:{st.st_size}:{st.st_mtime_ns};".encode())
+        digest.update(
+            f"{path.parent.name}/{path.name}:{label}:{st.st_size}:{st.st_mtime_ns};".encode()
+        )
     return digest.hexdigest()[:16]
 
 
@@ -181,7 +191,12 @@ def _load_jpeg(source: _Source, split: str) -> tuple[torch.Tensor, torch.Tensor]
             return cached
     log.info("decoding %d CIFAR-10 %s images from %s", len(files), split, source.path)
     images, labels = _decode(files)
-    blob = {"images": images, "labels": labels, "classes": list(CLASSES), "source": str(source.path)}
+    blob = {
+        "images": images,
+        "labels": labels,
+        "classes": list(CLASSES),
+        "source": str(source.path),
+    }
     atomic_torch_save(_cache_path(key, split), blob)
     return images, labels
 
@@ -200,7 +215,9 @@ def _load_torchvision(root: Path, split: str, download: bool) -> tuple[torch.Ten
     return images, torch.tensor(ds.targets, dtype=torch.int64)
 
 
-def split_indices(labels: torch.Tensor, val_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def split_indices(
+    labels: torch.Tensor, val_size: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted (train, val) indices holding out ``val_size`` items, balanced over classes.
 
     Each class gives ``val_size // num_classes`` items (the first classes one more each for the
@@ -218,7 +235,10 @@ def split_indices(labels: torch.Tensor, val_size: int, seed: int = 0) -> tuple[t
         take = per_class + (1 if i < extra else 0)
         members = order[labels[order] == c]
         if take > members.numel():
-            raise ValueError(f"val_size={val_size} asks {take} items of class {int(c)}, which has {members.numel()}")
+            raise ValueError(
+                f"val_size={val_size} asks {take} items of class {int(c)}, "
+                f"which has {members.numel()}"
+            )
         picked.append(members[:take])
     is_val = torch.zeros(n, dtype=torch.bool)
     is_val[torch.cat(picked)] = True
@@ -329,9 +349,13 @@ class BatchLoader:
         seed: int = 0,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be (N, C, H, W) uint8, got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"images must be (N, C, H, W) uint8, got {images.dtype} {tuple(images.shape)}"
+            )
         if labels.shape != images.shape[:1]:
-            raise ValueError(f"labels {tuple(labels.shape)} do not match images {tuple(images.shape)}")
+            raise ValueError(
+                f"labels {tuple(labels.shape)} do not match images {tuple(images.shape)}"
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.images, self.labels = images, labels

@@ -15,12 +15,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
 
 __all__ = [
     "DATA_ENV",
@@ -29,9 +24,6 @@ __all__ = [
     "data_root",
     "file_digest",
     "unpack_archive",
-    "atomic_write",
-    "atomic_write_text",
-    "atomic_torch_save",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,7 +58,7 @@ def data_root(path: str | os.PathLike[str] | None = None) -> Path | None:
 
 
 def file_digest(path: Path, length: int = 16) -> str:
-    """The first ``length`` hex digits of the SHA-256 of a file (a cache key that survives moves)."""
+    """The first ``length`` hex digits of a file's SHA-256: a cache key that survives moves."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -109,27 +101,3 @@ def unpack_archive(archive: Path, dest: Path | None = None) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name rather than mkstemp, so the file gets the usual permissions, not 0600.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def atomic_torch_save(path: str | os.PathLike[str], obj: Any) -> Path:
-    """``torch.save`` ``obj`` to ``path`` atomically."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))

@@ -20,7 +20,9 @@ def register_model(name: str) -> Callable[[Factory], Factory]:
 
     def decorate(factory: Factory) -> Factory:
         if name in _MODELS:
-            raise ValueError(f"model {name!r} is already registered (by {_MODELS[name].__module__})")
+            raise ValueError(
+                f"model {name!r} is already registered (by {_MODELS[name].__module__})"
+            )
         _MODELS[name] = factory
         return factory
 
@@ -30,7 +32,9 @@ def register_model(name: str) -> Callable[[Factory], Factory]:
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build the model registered as ``name``, passing ``kwargs`` to its factory."""
     if name not in _MODELS:
-        raise KeyError(f"unknown model {name!r}; known models: {', '.join(list_models()) or 'none'}")
+        raise KeyError(
+            f"unknown model {name!r}; known models: {', '.join(list_models()) or 'none'}"
+        )
     return _MODELS[name](**kwargs)
 
 

@@ -71,8 +71,11 @@ class SelectiveModule(Converted, nn.Module):
         """Ask the AMU for the mask of ``x`` (``None``: keep everything)."""
         calibrating = self.score_sample is not None
         threshold = None
-        if self.config.budget == "threshold" and not calibrating:
-            threshold = self._fitted_threshold()
+        if self.config.budget == "threshold":
+            if not calibrating:
+                threshold = self._fitted_threshold()
+            elif not bool(torch.isnan(self.threshold)):  # a later calibration pass
+                threshold = self.threshold
         norms = None
         if amu.STRATEGIES[self.config.strategy].uses_weight:
             norms = self._input_norms(weight, layout, groups)

@@ -1,0 +1,72 @@
+"""The same results on CUDA as on the CPU: MGEMM ops, masks, counts and converted models.
+
+Marked ``gpu``: collected everywhere, skipped where no CUDA device is present (conftest.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import selact
+from selact import mgemm
+from tests.models import build
+
+pytestmark = pytest.mark.gpu
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_mgemm_ops_match_cpu(dtype):
+    x = torch.randn(4, 7, 33).clamp_min(0).to(dtype)
+    w = torch.randn(19, 33).to(dtype)
+    mask = torch.rand(4, 7, 33) < 0.5
+    y_cpu, macs_cpu = mgemm.linear(x.float(), w.float(), in_mask=mask)
+    y, macs = mgemm.linear(x.cuda(), w.cuda(), in_mask=mask.cuda())
+    assert macs.device.type == "cuda" and int(macs) == int(macs_cpu)
+    torch.testing.assert_close(y.float().cpu(), y_cpu, rtol=TOL[dtype], atol=TOL[dtype] * 10)
+
+    xc = torch.randn(2, 6, 9, 11).clamp_min(0).to(dtype)
+    wc = torch.randn(8, 3, 3, 3).to(dtype)
+    mc = torch.rand(2, 6, 1, 1) < 0.5
+    y_cpu, macs_cpu = mgemm.conv2d(xc.float(), wc.float(), None, 2, 1, 1, 2, in_mask=mc)
+    y, macs = mgemm.conv2d(xc.cuda(), wc.cuda(), None, 2, 1, 1, 2, in_mask=mc.cuda())
+    assert int(macs) == int(macs_cpu)
+    torch.testing.assert_close(y.float().cpu(), y_cpu, rtol=TOL[dtype], atol=TOL[dtype] * 10)
+
+    p = torch.rand(2, 3, 5, 8).softmax(-1).to(dtype)
+    v = torch.randn(2, 3, 8, 4).to(dtype)
+    km = torch.rand(2, 3, 5, 8) < 0.5
+    o_cpu, macs_cpu = mgemm.attention_values(p.float(), v.float(), key_mask=km)
+    o, macs = mgemm.attention_values(p.cuda(), v.cuda(), key_mask=km.cuda())
+    assert int(macs) == int(macs_cpu)
+    torch.testing.assert_close(o.float().cpu(), o_cpu, rtol=TOL[dtype], atol=TOL[dtype] * 10)
+
+
+def test_mask_on_wrong_device_is_refused():
+    with pytest.raises(ValueError, match="cpu"):
+        mgemm.linear(
+            torch.randn(2, 4).cuda(),
+            torch.randn(3, 4).cuda(),
+            in_mask=torch.ones(4, dtype=torch.bool),
+        )
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_b_16", "swin_t"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_converted_models_on_cuda(name, dtype):
+    model, x = build(name)
+    model, x = model.cuda().to(dtype), x.cuda().to(dtype)
+    with torch.no_grad():
+        dense = model(x)
+        selact.sparsify(model, density=1.0, strategy="sapw")
+        torch.testing.assert_close(model(x), dense, rtol=TOL[dtype], atol=TOL[dtype])
+        selact.densify(model)
+        selact.sparsify(model, density=0.5, key_density=0.5, check_finite=False)
+        sparse = model(x)
+    report = selact.stats(model)
+    assert (sparse - dense).float().norm() > 1e-3 * dense.float().norm()
+    for layer_name, s in report.layers.items():
+        assert s.calls > 0, layer_name
+        if s.converted:
+            assert s.executed_macs < s.dense_macs, layer_name
