@@ -14,6 +14,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from selact._files import atomic_torch_save, atomic_write, atomic_write_text
 from selact.data import (
     CLASSES,
     MEAN,
@@ -25,7 +26,6 @@ from selact.data import (
     split_indices,
 )
 from selact.data import cifar10 as cifar10_module
-from selact._files import atomic_torch_save, atomic_write, atomic_write_text
 from selact.data.paths import data_root, unpack_archive
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
