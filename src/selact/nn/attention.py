@@ -33,6 +33,7 @@ class SelectiveProjection(SelectiveModule):
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         self.check_input(x, size=weight.shape[1])
         mask = self.input_mask(x, weight, "linear")
+        x, weight, bias = self.autocast_operands(x, weight, bias)
         with self.blame():
             y, executed = mgemm.linear(x, weight, bias, in_mask=mask, backend=self.config.backend)
         if self.config.counting:
@@ -57,6 +58,7 @@ class SelectiveAttentionValues(SelectiveModule):
         if self.config.key_density is not None and self.config.key_density < 1.0:
             flat = probs.detach().reshape(-1, probs.shape[-1])
             key_mask = amu.topk_keep(flat, self.config.key_density).reshape(probs.shape)
+        probs, v = self.autocast_operands(probs, v)
         out, executed = mgemm.attention_values(
             probs, v, key_mask=key_mask, backend=self.config.backend
         )

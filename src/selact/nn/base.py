@@ -90,6 +90,22 @@ class SelectiveModule(Converted, nn.Module):
             observe=self.score_sample.add if calibrating else None,
         )
 
+    @staticmethod
+    def autocast_operands(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        """The operands cast as autocast casts those of ``F.linear``/``F.conv2d``/``matmul``.
+
+        MGEMM takes operands of one dtype; under ``torch.autocast`` a layer's input is often in
+        the autocast dtype while its weight is float32. Outside autocast, unchanged.
+        """
+        first = next(t for t in tensors if t is not None)
+        device = first.device.type
+        if not torch.is_autocast_enabled(device):
+            return tensors
+        dtype = torch.get_autocast_dtype(device)
+        return tuple(
+            t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors
+        )
+
     def check_input(
         self,
         x: torch.Tensor,

@@ -32,10 +32,9 @@ class SelectiveLinear(SelectiveModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x, size=self.in_features)
         mask = self.input_mask(x, self.weight, "linear")
+        x, weight, bias = self.autocast_operands(x, self.weight, self.bias)
         with self.blame():
-            y, executed = mgemm.linear(
-                x, self.weight, self.bias, in_mask=mask, backend=self.config.backend
-            )
+            y, executed = mgemm.linear(x, weight, bias, in_mask=mask, backend=self.config.backend)
         if self.config.counting:
             with torch.no_grad():
                 zero_skip = mgemm.linear_macs(x != 0, None, self.out_features)
@@ -87,9 +86,10 @@ class SelectiveConv2d(SelectiveModule):
             padding = 0
         mask = self.input_mask(x, self.weight, "conv", self.groups)
         args = (self.stride, padding, self.dilation, self.groups)
+        x, weight, bias = self.autocast_operands(x, self.weight, self.bias)
         with self.blame():
             y, executed = mgemm.conv2d(
-                x, self.weight, self.bias, *args, in_mask=mask, backend=self.config.backend
+                x, weight, bias, *args, in_mask=mask, backend=self.config.backend
             )
         if self.config.counting:
             with torch.no_grad():
