@@ -1,0 +1,466 @@
+"""The generic training loop: dense training and mask-aware fine-tuning of any :class:`Task`.
+
+:func:`fit` trains ``model`` on ``task`` as :class:`TrainConfig` says. If ``model`` has been
+converted with :func:`selact.sparsify`, training is *mask-aware fine-tuning*: every selective
+layer recomputes its mask in every forward pass (the reference MGEMM path; gradients reach kept
+inputs only), optionally with a density schedule that lowers each layer's density from 1.0 to its
+configured target and with distillation from a dense teacher. Nothing else differs, so the same
+loop serves the dense-fine-tuning control.
+
+What the loop provides for every task:
+
+- SGD (Nesterov) or AdamW; weight decay on weights only (not on norms or biases); linear warmup,
+  then linear or cosine decay to zero, set per step from the global step (so resume needs no
+  scheduler state);
+- bf16 autocast on CUDA (``amp="auto"``), channels-last, optional ``torch.compile``;
+- an EMA of the weights (``ema`` > 0), which is then what is evaluated and saved;
+- a training state after every ``checkpoint_every`` epochs (``run_dir/last.safetensors``) and a
+  final model checkpoint (``run_dir/model.safetensors``), both with JSON sidecars; with
+  ``resume=True`` a run picks up from its last state and ends exactly as an uninterrupted run
+  (the data order and augmentation of each epoch depend only on the seed and the epoch);
+- DDP under ``torchrun`` (NCCL on CUDA, gloo on the CPU): each rank trains on its share of every
+  epoch, rank 0 evaluates, writes checkpoints and shows progress.
+
+During training the selective layers run with ``counting=False`` and ``check_finite=False`` (both
+cost a device sync or extra work per call); their configs are restored before evaluation and
+saving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from selact.config import SelectiveConfig
+from selact.nn.base import SelectiveModule
+from selact.train.checkpoint import load_state, save_model, save_state
+from selact.train.task import Distill, Task
+
+__all__ = [
+    "FitResult",
+    "TrainConfig",
+    "distributed_context",
+    "fit",
+    "hardware",
+    "evaluate",
+    "selective_layers",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of one training run (recorded in its checkpoints' sidecars)."""
+
+    epochs: int = 30
+    batch_size: int = 512  # per process; under DDP the global batch is world_size times this
+    optimizer: str = "sgd"  # "sgd" (Nesterov momentum) or "adamw"
+    lr: float = 0.4  # peak learning rate
+    momentum: float = 0.9  # SGD momentum; AdamW's beta1
+    beta2: float = 0.999  # AdamW only
+    weight_decay: float = 5e-4  # on weights with 2+ dims only
+    schedule: str = "linear"  # decay after warmup: "linear" or "cosine" to zero, or "constant"
+    warmup: float = 0.2  # fraction of the steps spent rising linearly to the peak
+    warmup_start: float = 0.1  # the first step's learning rate, as a fraction of the peak
+    grad_clip: float | None = None  # clip the global gradient norm to this
+    ema: float = 0.0  # EMA decay per step (0: no EMA); e.g. 0.999
+    ema_every: int = 4  # update the EMA every this many steps (with decay ** ema_every)
+    amp: str = "auto"  # "auto" (bf16 on CUDA, off on the CPU), "bf16", "fp16" or "off"
+    channels_last: str = "auto"  # "auto" (on CUDA), "on" or "off"
+    compile: bool = False  # torch.compile the training model (evaluation stays eager)
+    seed: int = 0  # weight init is the caller's; this seeds data order, augmentation, dropout
+    eval_every: int = 1  # evaluate on eval_split every this many epochs (0: only at the end)
+    eval_split: str = "val"
+    eval_batch_size: int = 1000
+    checkpoint_every: int = 1  # write the training state every this many epochs (0: never)
+    # Mask-aware fine-tuning (models converted by selact.sparsify):
+    density_schedule: str = "constant"  # "constant", or "linear"/"cosine" from 1.0 to target
+    density_warmup: float = 0.5  # fraction of the steps over which the density falls
+    distill: float = 0.0  # weight of distillation from the teacher (needs a teacher)
+    temperature: float = 4.0  # distillation temperature
+
+    def __post_init__(self) -> None:
+        choices = {
+            "optimizer": ("sgd", "adamw"),
+            "schedule": ("linear", "cosine", "constant"),
+            "amp": ("auto", "bf16", "fp16", "off"),
+            "channels_last": ("auto", "on", "off"),
+            "density_schedule": ("constant", "linear", "cosine"),
+        }
+        for name, known in choices.items():
+            if getattr(self, name) not in known:
+                raise ValueError(f"{name} must be one of {known}, got {getattr(self, name)!r}")
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ValueError("epochs must be >= 0 and batch_size >= 1")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **fields: Any) -> TrainConfig:
+        return dataclasses.replace(self, **fields)
+
+
+@dataclasses.dataclass
+class FitResult:
+    """The trained model (the EMA if kept), its final metrics per split, and the history."""
+
+    model: nn.Module
+    metrics: dict[str, dict[str, float]]
+    history: list[dict[str, Any]]
+    train_seconds: float
+    checkpoint: Path | None
+    info: dict[str, Any]
+
+
+def distributed_context() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from torchrun's environment (``(0, 1, 0)`` without)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def hardware(device: torch.device | str) -> str:
+    """A short description of the device, for result rows and sidecars."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return (
+        f"CPU {platform.machine()} ({torch.get_num_threads()} threads), torch {torch.__version__}"
+    )
+
+
+def selective_layers(model: nn.Module) -> list[SelectiveModule]:
+    return [m for m in model.modules() if isinstance(m, SelectiveModule)]
+
+
+@contextlib.contextmanager
+def _layer_configs(
+    layers: list[SelectiveModule], targets: list[SelectiveConfig]
+) -> Iterator[Callable[[float], None]]:
+    """Run with training configs (no counting, no finite check); yields ``set(fraction)`` that
+    puts each layer at ``1 - fraction * (1 - target density)``. Restores the targets after."""
+    cache: dict[tuple[int, float], SelectiveConfig] = {}
+
+    def put(fraction: float) -> None:
+        for i, (layer, target) in enumerate(zip(layers, targets, strict=True)):
+            density = 1.0 - fraction * (1.0 - target.density)
+            key = (i, round(density, 6))
+            if key not in cache:
+                cache[key] = target.replace(
+                    density=min(1.0, density), counting=False, check_finite=False
+                )
+            layer.config = cache[key]
+
+    try:
+        put(1.0)
+        yield put
+    finally:
+        for layer, target in zip(layers, targets, strict=True):
+            layer.config = target
+
+
+def _density_fraction(config: TrainConfig, step: int, total: int) -> float:
+    if config.density_schedule == "constant" or config.density_warmup <= 0:
+        return 1.0
+    t = min(1.0, step / max(1.0, config.density_warmup * total))
+    return t if config.density_schedule == "linear" else 0.5 - 0.5 * math.cos(math.pi * t)
+
+
+def _lr(config: TrainConfig, step: int, total: int) -> float:
+    warm = config.warmup * total
+    if step < warm:
+        return config.lr * (config.warmup_start + (1 - config.warmup_start) * step / warm)
+    if config.schedule == "constant":
+        return config.lr
+    t = (step - warm) / max(1.0, total - warm)
+    if config.schedule == "linear":
+        return config.lr * max(0.0, 1.0 - t)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def _optimizer(model: nn.Module, config: TrainConfig, device: torch.device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() > 1], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+    ]
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=config.lr, momentum=config.momentum, nesterov=True, **fused
+        )
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, config.beta2), **fused)
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    amp = config.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class _Ema:
+    """Exponential moving average of parameters and float buffers (timm's ModelEmaV2 rule)."""
+
+    def __init__(self, model: nn.Module, decay: float, every: int) -> None:
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.every, self.updates = decay, every, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        if (step + 1) % self.every:
+            return
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates)) ** self.every
+        ema = [t for t in self.module.state_dict().values() if t.is_floating_point()]
+        new = [t for t in model.state_dict().values() if t.is_floating_point()]
+        torch._foreach_lerp_(ema, new, 1.0 - decay)
+
+
+@torch.no_grad()
+def evaluate(
+    task: Task, model: nn.Module, split: str, config: TrainConfig, *, world_size: int = 1
+) -> dict[str, float]:
+    """``task.evaluate`` of ``model`` in eval mode on a whole split, under the run's autocast."""
+    device = task.device
+    was_training = model.training
+    model.eval()
+    try:
+        loader = task.loader(split, batch_size=config.eval_batch_size, train=False)
+        with _autocast(config, device):
+            return task.evaluate(model, loader)
+    finally:
+        model.train(was_training)
+
+
+def fit(
+    task: Task,
+    model: nn.Module,
+    config: TrainConfig,
+    *,
+    run_dir: str | os.PathLike[str] | None = None,
+    teacher: nn.Module | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    info: dict[str, Any] | None = None,
+    final_splits: tuple[str, ...] | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``task``; see the module docstring.
+
+    Args:
+        task: the data, loss and metrics.
+        model: a dense model, or one converted by :func:`selact.sparsify` (fine-tuning); it is
+            moved to ``task.device`` and trained in place.
+        config: the run's settings.
+        run_dir: where ``last.safetensors`` and ``model.safetensors`` go (``None``: nowhere).
+        teacher: a dense model for distillation (``config.distill > 0``).
+        resume: continue from ``run_dir/last.safetensors`` if it is there.
+        progress: show a progress bar (rank 0 only).
+        info: extra JSON-ready facts for the sidecars (command, model name, ...).
+        final_splits: splits evaluated at the end (default: every split but "train").
+        on_epoch_end: ``f(epoch, record)`` after each epoch's checkpoint (rank 0 only).
+    """
+    rank, world, _ = distributed_context()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if task.device.type == "cuda" else "gloo")
+    device = task.device
+    is_main = rank == 0
+    run_dir = Path(run_dir) if run_dir is not None else None
+    if config.distill > 0 and teacher is None:
+        raise ValueError("config.distill > 0 needs a teacher model")
+
+    model.to(device)
+    channels_last = config.channels_last == "on" or (
+        config.channels_last == "auto" and device.type == "cuda"
+    )
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    distill = None
+    if teacher is not None and config.distill > 0:
+        teacher = teacher.to(device).eval()
+        if channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        distill = Distill(teacher, config.distill, config.temperature)
+
+    layers = selective_layers(model)
+    targets = [layer.config for layer in layers]
+    optimizer = _optimizer(model, config, device)
+    ema = _Ema(model, config.ema, config.ema_every) if config.ema > 0 else None
+    torch.manual_seed(config.seed)  # dropout and any other global randomness of the loop
+    loader = task.loader(
+        "train",
+        batch_size=config.batch_size,
+        train=True,
+        seed=config.seed,
+        rank=rank,
+        world_size=world,
+    )
+    total = config.epochs * len(loader)
+    meta: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "train_seconds": 0.0}
+    state_path = run_dir / "last.safetensors" if run_dir is not None else None
+    if resume and state_path is not None and state_path.is_file():
+        meta = load_state(
+            state_path, model=model, optimizer=optimizer, ema=ema.module if ema else None
+        )
+        if meta.get("config") != config.to_dict():
+            raise ValueError(
+                f"{state_path} was written by a run with another config; use a new run folder "
+                "or resume=False"
+            )
+        if ema is not None:
+            ema.updates = meta["ema_updates"]
+        log.info("resuming %s at epoch %d", run_dir, meta["epoch"])
+
+    train_model: nn.Module = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if config.compile:
+        train_model = torch.compile(train_model)
+    eval_model = ema.module if ema is not None else model
+    step, history = meta["step"], meta["history"]
+    train_seconds = meta["train_seconds"]
+    bar = tqdm(
+        total=total,
+        initial=step,
+        desc=f"{task.name} train",
+        unit="step",
+        disable=not (progress and is_main),
+        leave=False,
+        file=sys.stderr,
+    )
+    with _layer_configs(layers, targets) as set_density:
+        if ema is not None:
+            ema_layers = selective_layers(ema.module)
+        for epoch in range(meta["epoch"], config.epochs):
+            model.train()
+            loader.set_epoch(epoch)
+            start = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            for batch in loader:
+                lr = _lr(config, step, total)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if layers:
+                    set_density(_density_fraction(config, step, total))
+                with _autocast(config, device):
+                    loss = task.loss(train_model, batch, distill=distill)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                if ema is not None:
+                    ema.update(model, step)
+                loss_sum += loss.detach()
+                step += 1
+                bar.update()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+            train_seconds += seconds
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "step": step,
+                "lr": lr if len(loader) else 0.0,
+                "train_loss": float(loss_sum) / max(1, len(loader)),
+                "seconds": seconds,
+            }
+            last = epoch + 1 == config.epochs
+            if is_main and config.eval_every and ((epoch + 1) % config.eval_every == 0 or last):
+                if ema is not None:  # the EMA follows the current density schedule too
+                    for layer, trained in zip(ema_layers, layers, strict=True):
+                        layer.config = trained.config
+                metrics = evaluate(task, eval_model, config.eval_split, config)
+                record[config.eval_split] = metrics
+            history.append(record)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{record['train_loss']:.3f}")
+            log.info("%s epoch %d/%d: %s", task.name, epoch + 1, config.epochs, record)
+            meta = {
+                "epoch": epoch + 1,
+                "step": step,
+                "history": history,
+                "train_seconds": train_seconds,
+                "config": config.to_dict(),
+                "ema_updates": ema.updates if ema else 0,
+                "seed": config.seed,
+                "data": task.describe(),
+                **(info or {}),
+            }
+            if is_main and state_path is not None and config.checkpoint_every:
+                if (epoch + 1) % config.checkpoint_every == 0 or last:
+                    save_state(
+                        state_path,
+                        model=model,
+                        optimizer=optimizer,
+                        ema=ema.module if ema else None,
+                        meta=meta,
+                    )
+            if world > 1:
+                dist.barrier()
+            if is_main and on_epoch_end is not None:
+                on_epoch_end(epoch + 1, record)
+    bar.close()
+
+    if ema is not None:
+        for layer, target in zip(selective_layers(ema.module), targets, strict=True):
+            layer.config = target
+    splits = final_splits or tuple(s for s in task.splits if s != "train")
+    metrics: dict[str, dict[str, float]] = {}
+    checkpoint = None
+    final_info = {
+        "config": config.to_dict(),
+        "seed": config.seed,
+        "data": task.describe(),
+        "train_seconds": train_seconds,
+        "epochs": config.epochs,
+        "hardware": hardware(device),
+        "world_size": world,
+        "ema": config.ema > 0,
+        **(info or {}),
+    }
+    if is_main:
+        for split in splits:
+            metrics[split] = evaluate(task, eval_model, split, config)
+        log.info("%s final: %s", task.name, metrics)
+        final_info["metrics"] = metrics
+        final_info["history"] = history
+        if run_dir is not None:
+            checkpoint = run_dir / "model.safetensors"
+            final_info = save_model(eval_model, checkpoint, final_info)
+    if world > 1:
+        dist.barrier()
+    return FitResult(
+        model=eval_model,
+        metrics=metrics,
+        history=history,
+        train_seconds=train_seconds,
+        checkpoint=checkpoint,
+        info=final_info,
+    )
