@@ -19,20 +19,24 @@ __all__ = [
     "BackendError",
     "Case",
     "attention_values",
+    "attention_values_case",
     "choose",
     "conv2d",
+    "conv2d_case",
     "conv2d_macs",
     "dense_conv2d_macs",
     "dense_linear_macs",
     "linear",
+    "linear_case",
     "linear_macs",
     "register_backend",
+    "why_not",
 ]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, backend=None):
+def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True, backend=None):
     """``Y = M_out ⊙ ((M_in ⊙ X) Wᵀ + b)``.
 
     Args:
@@ -40,8 +44,17 @@ def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, backend=None):
         weight: (N, K). bias: (N,) or None.
         in_mask: bool, broadcastable to ``x`` (e.g. (K,) for a mask shared by all rows).
         out_mask: bool, broadcastable to (..., N); dropped outputs are zero.
+        count: compute the executed MACs; ``False`` returns ``(Y, None)`` and saves the work.
         backend: backend name; ``None`` lets the dispatcher choose.
     """
+    case = linear_case(x, weight, bias, in_mask=in_mask, out_mask=out_mask)
+    return choose(case, backend).ops["linear"](
+        x, weight, bias, in_mask=in_mask, out_mask=out_mask, count=count
+    )
+
+
+def linear_case(x, weight, bias=None, *, in_mask=None, out_mask=None) -> Case:
+    """Validate :func:`linear`'s operands and describe the call for the dispatcher."""
     _check_float("x", x)
     _check_operand("weight", weight, x, ndim=2)
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
@@ -53,14 +66,23 @@ def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, backend=None):
         _check_operand("bias", bias, x, ndim=1, size=weight.shape[0])
     _check_mask("in_mask", in_mask, x, tuple(x.shape))
     _check_mask("out_mask", out_mask, x, (*x.shape[:-1], weight.shape[0]))
-    case = _case(
+    return _case(
         "linear", (x, weight, bias), x=x, weight=weight, in_mask=in_mask, out_mask=out_mask
     )
-    return choose(case, backend).ops["linear"](x, weight, bias, in_mask=in_mask, out_mask=out_mask)
 
 
 def conv2d(
-    x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, in_mask=None, backend=None
+    x,
+    weight,
+    bias=None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    *,
+    in_mask=None,
+    count=True,
+    backend=None,
 ):
     """``Y = conv2d(M ⊙ X, W) + b`` with :func:`torch.nn.functional.conv2d`'s arguments.
 
@@ -68,7 +90,18 @@ def conv2d(
         x: (B, C_in, H, W). weight: (C_out, C_in / groups, kh, kw). bias: (C_out,) or None.
         in_mask: bool, broadcastable to ``x``: (B, C, H, W) element, (B, C, 1, 1) channel,
             (B, 1, H, W) spatial, (1, C, 1, 1) batch-shared.
+        count: compute the executed MACs; ``False`` returns ``(Y, None)``.
     """
+    case = conv2d_case(x, weight, bias, stride, padding, dilation, groups, in_mask=in_mask)
+    return choose(case, backend).ops["conv2d"](
+        x, weight, bias, stride, padding, dilation, groups, in_mask=in_mask, count=count
+    )
+
+
+def conv2d_case(
+    x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, in_mask=None
+) -> Case:
+    """Validate :func:`conv2d`'s operands and describe the call for the dispatcher."""
     _check_float("x", x)
     _check_operand("weight", weight, x, ndim=4)
     if x.dim() != 4 or x.shape[1] != weight.shape[1] * groups:
@@ -79,20 +112,42 @@ def conv2d(
     if bias is not None:
         _check_operand("bias", bias, x, ndim=1, size=weight.shape[0])
     _check_mask("in_mask", in_mask, x, tuple(x.shape))
-    case = _case("conv2d", (x, weight, bias), x=x, weight=weight, in_mask=in_mask)
-    return choose(case, backend).ops["conv2d"](
-        x, weight, bias, stride, padding, dilation, groups, in_mask=in_mask
+    return _case(
+        "conv2d",
+        (x, weight, bias),
+        x=x,
+        weight=weight,
+        in_mask=in_mask,
+        params=(
+            _pair(stride),
+            padding if isinstance(padding, str) else _pair(padding),
+            _pair(dilation),
+            (groups,),
+        ),
     )
 
 
-def attention_values(probs, v, *, key_mask=None, renormalize=True, backend=None):
+def _pair(value) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, tuple | list) else (value, value)
+
+
+def attention_values(probs, v, *, key_mask=None, renormalize=True, count=True, backend=None):
     """``O = P' V`` where ``P'`` keeps the probabilities ``key_mask`` marks.
 
     Args:
         probs: (..., L_q, L_k) attention probabilities. v: (..., L_k, D), same leading dims.
         key_mask: bool, broadcastable to ``probs``: which keys each query sums.
         renormalize: rescale the kept probabilities of each query to sum to one.
+        count: compute the executed MACs; ``False`` returns ``(O, None)``.
     """
+    case = attention_values_case(probs, v, key_mask=key_mask)
+    return choose(case, backend).ops["attention_values"](
+        probs, v, key_mask=key_mask, renormalize=renormalize, count=count
+    )
+
+
+def attention_values_case(probs, v, *, key_mask=None) -> Case:
+    """Validate :func:`attention_values`'s operands and describe the call for the dispatcher."""
     _check_float("probs", probs)
     _check_operand("v", v, probs, ndim=probs.dim())
     if probs.dim() < 2 or probs.shape[:-2] != v.shape[:-2] or probs.shape[-1] != v.shape[-2]:
@@ -101,10 +156,13 @@ def attention_values(probs, v, *, key_mask=None, renormalize=True, backend=None)
             "expected (..., L_q, L_k) and (..., L_k, D)"
         )
     _check_mask("key_mask", key_mask, probs, tuple(probs.shape))
-    case = _case("attention_values", (probs, v), probs=probs, v=v, key_mask=key_mask)
-    return choose(case, backend).ops["attention_values"](
-        probs, v, key_mask=key_mask, renormalize=renormalize
-    )
+    return _case("attention_values", (probs, v), probs=probs, v=v, key_mask=key_mask)
+
+
+def why_not(backend: str, case: Case) -> str | None:
+    """``None`` if ``backend`` can serve ``case`` (from :func:`linear_case` and the like), else
+    the reason it cannot."""
+    return BACKENDS[backend].why_not(case)
 
 
 def _case(op, operands, **tensors) -> Case:
@@ -112,7 +170,7 @@ def _case(op, operands, **tensors) -> Case:
         t is not None and t.requires_grad for t in operands
     )
     x = operands[0]
-    shapes = {k: (tuple(t.shape) if t is not None else None) for k, t in tensors.items()}
+    shapes = {k: (tuple(t.shape) if isinstance(t, torch.Tensor) else t) for k, t in tensors.items()}
     return Case(op=op, device=x.device.type, dtype=x.dtype, shapes=shapes, needs_grad=needs_grad)
 
 

@@ -16,26 +16,30 @@ def _apply_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     )
 
 
-def linear(x, weight, bias=None, *, in_mask=None, out_mask=None):
+def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True):
     """``Y = M_out ⊙ ((M ⊙ X) Wᵀ + b)``; dropped outputs are zero."""
     kept_x = _apply_mask(x, in_mask)
     y = F.linear(kept_x, weight, bias)
     y = _apply_mask(y, out_mask)
+    if not count:
+        return y, None
     with torch.no_grad():
-        macs = linear_macs(kept_x != 0, out_mask, weight.shape[0])
-    return y, macs
+        return y, linear_macs(kept_x != 0, out_mask, weight.shape[0])
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, in_mask=None):
+def conv2d(
+    x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, in_mask=None, count=True
+):
     """``Y = conv(M ⊙ X, W) + b``."""
     kept_x = _apply_mask(x, in_mask)
     y = F.conv2d(kept_x, weight, bias, stride, padding, dilation, groups)
+    if not count:
+        return y, None
     with torch.no_grad():
-        macs = conv2d_macs(kept_x != 0, weight.shape, stride, padding, dilation, groups)
-    return y, macs
+        return y, conv2d_macs(kept_x != 0, weight.shape, stride, padding, dilation, groups)
 
 
-def attention_values(probs, v, *, key_mask=None, renormalize=True):
+def attention_values(probs, v, *, key_mask=None, renormalize=True, count=True):
     """``O = P' V`` with ``P'`` the kept probabilities, renormalised to sum to one per query."""
     kept_p = _apply_mask(probs, key_mask)
     if key_mask is not None and renormalize:
@@ -43,9 +47,10 @@ def attention_values(probs, v, *, key_mask=None, renormalize=True):
         tiny = torch.finfo(total.dtype).tiny
         kept_p = torch.where(total > 0, kept_p / total.clamp_min(tiny), kept_p)
     out = kept_p @ v
+    if not count:
+        return out, None
     with torch.no_grad():
-        macs = (kept_p != 0).sum(dtype=torch.int64) * v.shape[-1]
-    return out, macs
+        return out, (kept_p != 0).sum(dtype=torch.int64) * v.shape[-1]
 
 
 register_backend(

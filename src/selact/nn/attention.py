@@ -35,7 +35,14 @@ class SelectiveProjection(SelectiveModule):
         mask = self.input_mask(x, weight, "linear")
         x, weight, bias = self.autocast_operands(x, weight, bias)
         with self.blame():
-            y, executed = mgemm.linear(x, weight, bias, in_mask=mask, backend=self.config.backend)
+            y, executed = mgemm.linear(
+                x,
+                weight,
+                bias,
+                in_mask=mask,
+                count=self.config.counting,
+                backend=self.config.backend,
+            )
         if self.config.counting:
             with torch.no_grad():
                 zero_skip = mgemm.linear_macs(x != 0, None, weight.shape[0])
@@ -60,7 +67,7 @@ class SelectiveAttentionValues(SelectiveModule):
             key_mask = amu.topk_keep(flat, self.config.key_density).reshape(probs.shape)
         probs, v = self.autocast_operands(probs, v)
         out, executed = mgemm.attention_values(
-            probs, v, key_mask=key_mask, backend=self.config.backend
+            probs, v, key_mask=key_mask, count=self.config.counting, backend=self.config.backend
         )
         if self.config.counting:
             qk = probs.numel() * v.shape[-1]  # the QKᵀ that produced probs, done densely

@@ -34,7 +34,14 @@ class SelectiveLinear(SelectiveModule):
         mask = self.input_mask(x, self.weight, "linear")
         x, weight, bias = self.autocast_operands(x, self.weight, self.bias)
         with self.blame():
-            y, executed = mgemm.linear(x, weight, bias, in_mask=mask, backend=self.config.backend)
+            y, executed = mgemm.linear(
+                x,
+                weight,
+                bias,
+                in_mask=mask,
+                count=self.config.counting,
+                backend=self.config.backend,
+            )
         if self.config.counting:
             with torch.no_grad():
                 zero_skip = mgemm.linear_macs(x != 0, None, self.out_features)
@@ -89,7 +96,13 @@ class SelectiveConv2d(SelectiveModule):
         x, weight, bias = self.autocast_operands(x, self.weight, self.bias)
         with self.blame():
             y, executed = mgemm.conv2d(
-                x, weight, bias, *args, in_mask=mask, backend=self.config.backend
+                x,
+                weight,
+                bias,
+                *args,
+                in_mask=mask,
+                count=self.config.counting,
+                backend=self.config.backend,
             )
         if self.config.counting:
             with torch.no_grad():
