@@ -300,7 +300,7 @@ def fake_backend(monkeypatch):
         frozenset({"cpu"}),
         frozenset({torch.float32}),
         {"linear": linear},
-        priority=5,
+        priority=100,
         differentiable=False,
     )
     monkeypatch.setitem(BACKENDS._entries, "fake", backend)
@@ -333,3 +333,34 @@ def test_named_backend_raises_when_it_cannot_serve(fake_backend, monkeypatch):
         mgemm.conv2d(torch.randn(1, 1, 3, 3), torch.randn(1, 1, 1, 1))
     mgemm.linear(torch.randn(2, 4), torch.randn(3, 4), backend="reference")  # argument wins
     assert fake_backend == []
+
+
+@pytest.mark.parametrize(
+    ("backend", "case"),
+    [
+        (
+            "cpu",
+            lambda: mgemm.linear_case(
+                torch.randn(1, 768), torch.randn(96, 768), in_mask=torch.rand(1, 768) < 0.5
+            ),
+        ),
+        (
+            "cpu",
+            lambda: mgemm.linear_case(
+                torch.randn(8, 64), torch.randn(96, 64), in_mask=torch.rand(64) < 0.5
+            ),
+        ),
+        (
+            "cpu",
+            lambda: mgemm.conv2d_case(
+                torch.randn(2, 8, 5, 5),
+                torch.randn(4, 8, 3, 3),
+                in_mask=torch.rand(2, 8, 1, 1) < 0.5,
+            ),
+        ),
+    ],
+)
+def test_fast_backends_serve_the_cases_they_exist_for(backend, case):
+    # The hypothesis tests above skip the cases a backend declines: make sure that the cases each
+    # backend is built for are served, so those tests do compare it with the brute force.
+    assert mgemm.why_not(backend, case()) is None
