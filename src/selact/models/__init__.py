@@ -4,7 +4,7 @@ Each model module registers its factories with ``@register_model`` and is import
 name, so the registry is complete once ``selact.models`` is imported.
 """
 
-from selact.models import small_cnn  # noqa: F401  (registers "small_cnn")
+from selact.models import det, small_cnn  # noqa: F401  (register "det", "small_cnn")
 from selact.models._registry import create_model, list_models, register_model
 from selact.models.small_cnn import SmallCNN
 

@@ -5,3 +5,4 @@ here by name, so the registry is complete once ``selact.tasks`` is imported.
 """
 
 from selact.tasks import cifar10  # noqa: F401  (registers "cifar10")
+from selact.tasks import voc  # noqa: F401  (registers "voc")
