@@ -1,7 +1,14 @@
-"""Shared fixtures: every test starts from the same torch random state; ``gpu`` tests need CUDA."""
+"""Shared fixtures: every test starts from the same torch random state; ``gpu`` tests need CUDA;
+without CUDA, Triton kernels run in Triton's interpreter."""
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's interpreter on the CPU; it must be set before they compile.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 from selact.mgemm import cpu as _cpu  # noqa: F401  (registers the CPU backend)
+from selact.mgemm import gather as _gather  # noqa: F401  (registers the gather backend)
 from selact.mgemm import reference as _reference  # noqa: F401  (registers the reference backend)
+from selact.mgemm import triton_backend as _triton  # noqa: F401  (registers the Triton backend)
 from selact.mgemm.counting import conv2d_macs, dense_conv2d_macs, dense_linear_macs, linear_macs
 from selact.mgemm.registry import BACKENDS, Backend, BackendError, Case, choose, register_backend
 

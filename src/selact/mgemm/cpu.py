@@ -1,10 +1,8 @@
-"""The ``cpu`` backend: MGEMM on the CPU that reads only what the mask keeps (float32, inference).
+"""The ``cpu`` backend: a sparse-input linear kernel that reads only what the mask keeps.
 
-- ``linear``: a compiled kernel (csrc/sparse_linear.cpp, AVX-512 where the CPU has it) streams
-  only the weight rows of the kept nonzero inputs, from a copy of the weight packed once per layer
-  (and again when the weight changes). For batches of up to :data:`MAX_ROWS` rows.
-- ``conv2d`` with channel or batch-shared masks: the kept input channels and their weight slices
-  are gathered and the dense convolution (oneDNN) runs on them alone.
+A compiled kernel (csrc/sparse_linear.cpp, AVX-512 where the CPU has it) streams only the weight
+rows of the kept nonzero inputs, from a copy of the weight packed once per layer (and again when
+the weight changes). float32, inference, batches of up to :data:`MAX_ROWS` rows.
 
 The kernel is compiled with the machine's C++ compiler on first use (about 30 s, cached by
 PyTorch in ``TORCH_EXTENSIONS_DIR``); without a compiler the backend declines every case and the
@@ -16,14 +14,12 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import weakref
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from selact.mgemm.counting import conv2d_macs
 from selact.mgemm.registry import Backend, Case, register_backend
+from selact.mgemm.weights import derived
 
 log = logging.getLogger(__name__)
 
@@ -62,31 +58,17 @@ def _sparse_linear_fake(x, mask, packed, bias, n_out):
     return x.new_empty(x.shape[0], n_out), torch.empty((), dtype=torch.long)
 
 
-_packed_cache: dict[int, tuple[object, tuple, torch.Tensor]] = {}
-
-
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``W`` as the kernel reads it: (T, K, TILE) with ``[t, k, c] = W[t·TILE + c, k]``.
+    """``W`` as the kernel reads it: (T, K, TILE) with ``[t, k, c] = W[t·TILE + c, k]``."""
+    return derived(weight, "cpu-tiles", _pack)
 
-    Cached per weight tensor and rebuilt when the weight changes (a new tensor or an in-place
-    update bumps ``_version``).
-    """
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
-    entry = _packed_cache.get(id(weight))
-    if entry is not None and entry[0]() is weight and entry[1] == key:
-        return entry[2]
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
     n, k = weight.shape
     tiles = math.ceil(n / TILE)
-    with torch.no_grad():
-        padded = weight.new_zeros(tiles * TILE, k)
-        padded[:n] = weight
-        packed = padded.reshape(tiles, TILE, k).transpose(1, 2).contiguous()
-    _packed_cache[id(weight)] = (weakref.ref(weight, _forget(id(weight))), key, packed)
-    return packed
-
-
-def _forget(identity: int):
-    return lambda _: _packed_cache.pop(identity, None)
+    padded = weight.new_zeros(tiles * TILE, k)
+    padded[:n] = weight
+    return padded.reshape(tiles, TILE, k).transpose(1, 2).contiguous()
 
 
 def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True):
@@ -100,50 +82,13 @@ def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True):
     return y.reshape(*x.shape[:-1], n), macs if count else None
 
 
-def conv2d(
-    x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, in_mask=None, count=True
-):
-    args = (stride, padding, dilation, groups)
-    if in_mask is None:
-        y = F.conv2d(x, weight, bias, *args)
-    else:
-        keep = in_mask.reshape(in_mask.shape[0], -1)
-        if keep.shape[0] == 1:  # batch-shared: one gather for the whole batch
-            y = _gathered_conv(x, weight, bias, keep[0], args)
-        else:
-            y = torch.cat(
-                [
-                    _gathered_conv(x[b : b + 1], weight, bias, keep[b], args)
-                    for b in range(x.shape[0])
-                ]
-            )
-    if not count:
-        return y, None
-    kept = x != 0 if in_mask is None else (x != 0) & in_mask
-    return y, conv2d_macs(kept, weight.shape, *args)
-
-
-def _gathered_conv(x, weight, bias, keep, args):
-    index = keep.nonzero().squeeze(1)
-    if index.numel() == 0:  # nothing kept: a one-channel zero convolution gives the bias alone
-        return F.conv2d(x[:, :1] * 0, weight[:, :1] * 0, bias, *args)
-    return F.conv2d(x.index_select(1, index), weight.index_select(1, index), bias, *args)
-
-
 def _check(case: Case) -> str | None:
-    if case.op == "linear":
-        if case.shapes["out_mask"] is not None:
-            return "it has no output-mask kernel"
-        rows = math.prod(case.shapes["x"][:-1])
-        if rows > MAX_ROWS:
-            return f"{rows} rows exceed its {MAX_ROWS}-row limit"
-        return _build()
-    mask = case.shapes["in_mask"]
-    if case.shapes["params"][3] != (1,):
-        return "grouped convolutions are not gathered"
-    if mask is not None and (len(mask) != 4 or mask[2:] != (1, 1)):
-        return "it gathers channel or batch-shared masks only"
-    return None
+    if case.shapes["out_mask"] is not None:
+        return "it has no output-mask kernel"
+    rows = math.prod(case.shapes["x"][:-1])
+    if rows > MAX_ROWS:
+        return f"{rows} rows exceed its {MAX_ROWS}-row limit"
+    return _build()
 
 
 register_backend(
@@ -151,7 +96,7 @@ register_backend(
         name="cpu",
         devices=frozenset({"cpu"}),
         dtypes=frozenset({torch.float32}),
-        ops={"linear": linear, "conv2d": conv2d},
+        ops={"linear": linear},
         priority=10,
         check=_check,
         differentiable=False,

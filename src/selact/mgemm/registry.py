@@ -42,7 +42,8 @@ class Backend:
         devices: device types it runs on (``"cpu"``, ``"cuda"``).
         dtypes: input dtypes it accepts.
         ops: op name -> function with the public op's signature (minus ``backend``).
-        priority: automatic choice tries higher priorities first; the reference is 0.
+        priority: automatic choice tries higher priorities first; a priority of 0 or less is
+            used only when named.
         check: optional ``Case -> reason or None`` for limits beyond device and dtype.
         differentiable: whether its results carry gradients.
     """
@@ -100,7 +101,8 @@ def choose(case: Case, requested: str | None = None) -> Backend:
     candidates = [
         b
         for b in candidates
-        if case.device in b.devices
+        if b.priority > 0  # priority <= 0: used only when named (the Triton interpreter, say)
+        and case.device in b.devices
         and case.op in b.ops
         and (b.differentiable or not case.needs_grad)
     ]

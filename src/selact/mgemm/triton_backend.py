@@ -1,0 +1,89 @@
+"""The ``triton`` backend: sparse-input linear layers on the GPU (kernels in triton_kernels.py).
+
+Serves ``linear`` with an input mask (per-row for up to :data:`MAX_ROWS` rows, or shared by all
+rows, any batch) or with an output mask alone; float32, float16, bfloat16; inference only. With
+``TRITON_INTERPRET=1`` (how CI runs it, on the CPU) it also takes CPU tensors, but only when
+asked for by name: the interpreter is far slower than the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from selact.mgemm.counting import linear_macs
+from selact.mgemm.registry import Backend, Case, register_backend
+from selact.mgemm.weights import derived
+
+#: Per-row masks re-read the kept weights once per row: beyond this many rows a dense GEMM wins.
+MAX_ROWS = 64
+#: Shared masks with at least this many rows use the tiled tl.dot kernel (tl.dot needs 16 rows).
+DOT_ROWS = 16
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _kernels():
+    from selact.mgemm import triton_kernels
+
+    return triton_kernels
+
+
+@functools.cache
+def _unavailable() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    return None
+
+
+def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True):
+    n, k = weight.shape
+    rows = x.reshape(-1, k)
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    kernels = _kernels()
+    if out_mask is not None:
+        mask = out_mask.expand(*x.shape[:-1], n).reshape(-1, n).contiguous()
+        y = kernels.out_masked_linear(rows, weight.contiguous(), bias, mask)
+    else:
+        wt = derived(weight, "transposed", lambda w: w.t().contiguous())
+        if in_mask.dim() == 1 and rows.shape[0] >= DOT_ROWS:
+            y = kernels.shared_linear(rows, in_mask.contiguous(), wt, bias)
+        else:
+            mask = in_mask if in_mask.dim() == 1 else in_mask.expand(x.shape).reshape(-1, k)
+            y = kernels.rows_linear(rows, mask.contiguous(), wt, bias)
+    y = y.reshape(*x.shape[:-1], n)
+    if not count:
+        return y, None
+    kept = x != 0 if in_mask is None else (x != 0) & in_mask
+    return y, linear_macs(kept, out_mask, n)
+
+
+def _check(case: Case) -> str | None:
+    in_mask, out_mask = case.shapes["in_mask"], case.shapes["out_mask"]
+    if in_mask is None and out_mask is None:
+        return "without a mask the dense GEMM is faster"
+    if in_mask is not None and out_mask is not None:
+        return "it does not combine input and output masks"
+    rows = math.prod(case.shapes["x"][:-1])
+    shared = in_mask is not None and len(in_mask) == 1
+    if in_mask is not None and not shared and rows > MAX_ROWS:
+        return f"{rows} rows with per-row masks exceed its {MAX_ROWS}-row limit"
+    return _unavailable()
+
+
+register_backend(
+    Backend(
+        name="triton",
+        devices=frozenset({"cuda", "cpu"} if INTERPRETING else {"cuda"}),
+        dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
+        ops={"linear": linear},
+        priority=-1 if INTERPRETING else 20,
+        check=_check,
+        differentiable=False,
+    )
+)

@@ -1,0 +1,66 @@
+"""The Triton kernels against the reference, run by Triton's interpreter on the CPU where there is
+no GPU (``TRITON_INTERPRET=1``, set in conftest.py). The interpreter is slow and gave wrong bf16
+``tl.dot`` results (DESIGN.md section 5), so these cases are few, small, float32 and float16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selact import mgemm
+
+pytestmark = pytest.mark.slow
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
+
+
+def _reference(x, w, b, in_mask=None, out_mask=None):
+    return mgemm.linear(x, w, b, in_mask=in_mask, out_mask=out_mask, backend="reference")
+
+
+CASES = [  # rows, K, N, mask kind
+    (1, 70, 150, "row"),  # batch-1 GEMV with odd sizes: partial K and N blocks
+    (3, 130, 40, "row"),  # a few rows, K split across programs
+    (1, 64, 64, "empty"),
+    (2, 33, 17, "full"),
+    (20, 96, 80, "shared"),  # tl.dot kernel
+    (5, 96, 80, "shared"),  # shared mask, few rows: per-row kernel
+    (40, 48, 70, "out"),  # output-masked tiles, some all dropped
+]
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize(("rows", "k", "n", "kind"), CASES)
+def test_triton_linear_matches_reference(rows, k, n, kind, dtype):
+    g = torch.Generator().manual_seed(rows * 1000 + k)
+    x = torch.randn(rows, k, generator=g).clamp_min(-0.2).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    b = torch.randn(n, generator=g).to(DEVICE, dtype)
+    in_mask = out_mask = None
+    if kind == "row":
+        in_mask = torch.rand(rows, k, generator=g) < 0.5
+    elif kind == "empty":
+        in_mask = torch.zeros(rows, k, dtype=torch.bool)
+    elif kind == "full":
+        in_mask = torch.ones(rows, k, dtype=torch.bool)
+    elif kind == "shared":
+        in_mask = torch.rand(k, generator=g) < 0.5
+    else:
+        out_mask = torch.zeros(rows, n, dtype=torch.bool)
+        out_mask[:32, :40] = torch.rand(32, 40, generator=g) < 0.5  # other tiles all dropped
+    in_mask = in_mask.to(DEVICE) if in_mask is not None else None
+    out_mask = out_mask.to(DEVICE) if out_mask is not None else None
+
+    y, macs = mgemm.linear(x, w, b, in_mask=in_mask, out_mask=out_mask, backend="triton")
+    expected, expected_macs = _reference(x, w, b, in_mask, out_mask)
+    assert y.dtype == dtype and y.shape == expected.shape
+    torch.testing.assert_close(y.float(), expected.float(), rtol=TOL[dtype], atol=TOL[dtype])
+    assert int(macs) == int(expected_macs)
+
+
+def test_interpreted_triton_is_never_chosen_automatically():
+    if DEVICE == "cuda":
+        pytest.skip("on a GPU the compiled kernels are chosen automatically")
+    x, w = torch.randn(1, 8), torch.randn(4, 8)
+    case = mgemm.linear_case(x, w, in_mask=torch.ones(8, dtype=torch.bool))
+    assert mgemm.choose(case).name != "triton"
