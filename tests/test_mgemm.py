@@ -312,6 +312,7 @@ def fake_backend(monkeypatch):
     monkeypatch.setitem(BACKENDS._entries, "fake", backend)
     monkeypatch.delenv("SELACT_BACKEND", raising=False)
     monkeypatch.setattr("selact.mgemm.registry._warned", set())
+    monkeypatch.setattr("selact.mgemm.registry._chosen", {})
     return calls
 
 

@@ -204,9 +204,9 @@ def _check_mask(name, mask, x, target: tuple[int, ...]) -> None:
         raise TypeError(f"{name} must be a bool tensor, got {got}")
     if mask.device != x.device:
         raise ValueError(f"{name} is on {mask.device} but the input is on {x.device}")
-    try:
-        shape = torch.broadcast_shapes(mask.shape, target)
-    except RuntimeError:
-        shape = None
-    if shape != torch.Size(target):
+    shape = tuple(mask.shape)  # broadcastable: right-aligned sizes equal or 1 (checked by hand:
+    # torch.broadcast_shapes costs more than the rest of a small layer's dispatch)
+    if len(shape) > len(target) or any(
+        m not in (1, t) for m, t in zip(reversed(shape), reversed(target), strict=False)
+    ):
         raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to {target}")

@@ -71,11 +71,13 @@ class Backend:
 
 BACKENDS: Registry[Backend] = Registry("MGEMM backend")
 _warned: set[tuple[str, str, torch.dtype]] = set()
+_chosen: dict[tuple, Backend] = {}  # automatic choices, by everything a Case holds
 
 
 def register_backend(backend: Backend) -> Backend:
     """Add ``backend`` to the registry (a backend module calls this when imported)."""
     BACKENDS.register(backend.name)(backend)
+    _chosen.clear()
     return backend
 
 
@@ -93,6 +95,16 @@ def choose(case: Case, requested: str | None = None) -> Backend:
                 f"backend {name!r} cannot serve {case.op} on {case.device} {case.dtype}: {reason}"
             )
         return backend
+    key = (case.op, case.device, case.dtype, tuple(case.shapes.items()), case.needs_grad)
+    chosen = _chosen.get(key)
+    if chosen is None:
+        if len(_chosen) > 4096:  # shapes vary without bound in some models: stay small
+            _chosen.clear()
+        chosen = _chosen[key] = _choose_automatically(case)
+    return chosen
+
+
+def _choose_automatically(case: Case) -> Backend:
     candidates = sorted(
         (BACKENDS[n] for n in BACKENDS if n != "reference"),
         key=lambda b: -b.priority,
