@@ -17,9 +17,11 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from selact._files import atomic_write_text
+from selact.bench.cli import app as bench_app
 from selact.experiments.demo import DemoConfig, DemoResult, run_demo
 
 app = typer.Typer(help="Selective activation for PyTorch.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 
 @app.callback()

@@ -1,0 +1,100 @@
+"""Model benchmarks: latency of a dense model and of its selective copy at the same weights.
+
+The selective copy uses SAPI with channel masks on the convolutions (what the ``gather`` backend
+turns into time) and element masks on Linear layers, top-k budget, counting and finiteness checks
+off; its time includes the AMU's own work (scores, top-k, masks). Latency is the median of
+interleaved calls under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+import selact
+from selact.bench.timing import median_ms
+from selact.models import create_model
+
+log = logging.getLogger(__name__)
+
+INPUTS = {
+    "resnet20": (3, 32, 32),
+    "vgg16": (3, 32, 32),
+    "vit": (3, 32, 32),
+    "small_cnn": (3, 32, 32),
+}
+
+
+def selective_copy(model: nn.Module, density: float, counting: bool = False) -> nn.Module:
+    """SAPI at ``density``: channel masks on convolutions, element masks on Linear layers."""
+    linears = {
+        n: {"granularity": "element"} for n, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
+    return selact.sparsify(
+        copy.deepcopy(model),
+        strategy="sapi",
+        density=density,
+        granularity="channel",
+        overrides=linears,
+        counting=counting,
+        check_finite=counting,
+    )
+
+
+def run(
+    names: list[str],
+    batches: list[int],
+    threads: list[int],
+    density: float,
+    reps: int,
+    seed: int = 0,
+) -> Iterator[dict]:
+    """One row per (model, batch, threads, route) with route ``dense`` or ``selective``."""
+    initial_threads = torch.get_num_threads()
+    try:
+        yield from _run(names, batches, threads, density, reps, seed)
+    finally:
+        torch.set_num_threads(initial_threads)
+
+
+def _run(names, batches, threads, density, reps, seed):
+    for name in names:
+        torch.manual_seed(seed)
+        dense = create_model(name, num_classes=10).eval()
+        selective = selective_copy(dense, density)
+        counted = selective_copy(dense, density, counting=True)
+        for batch in batches:
+            inputs = [torch.randn(batch, *INPUTS[name]) for _ in range(4)]
+            with torch.inference_mode():
+                counted(inputs[0])
+            executed = selact.stats(counted).total.executed_fraction
+            selact.reset_stats(counted)
+            for count in threads:
+                torch.set_num_threads(count)
+                with torch.inference_mode():
+                    times = median_ms(
+                        {
+                            "dense": [lambda x=x, m=dense: m(x) for x in inputs],
+                            "selective": [lambda x=x, m=selective: m(x) for x in inputs],
+                        },
+                        reps,
+                    )
+                for route, ms in times.items():
+                    yield {
+                        "op": name,
+                        "shape": f"{batch}x{'x'.join(map(str, INPUTS[name]))}",
+                        "dtype": "float32",
+                        "granularity": "channel" if route != "dense" else "-",
+                        "density": density if route != "dense" else 1.0,
+                        "backend": route,
+                        "batch": batch,
+                        "threads": count,
+                        "median_ms": ms,
+                        "ratio_to_dense": ms / times["dense"],
+                        "ratio_to_ideal": ms / (density * times["dense"]),
+                        "executed_mac_fraction": executed if route != "dense" else 1.0,
+                    }

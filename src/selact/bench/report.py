@@ -1,0 +1,122 @@
+"""Benchmark results: the machine they were measured on, and JSON, Markdown and PNG files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+from selact._files import atomic_write, atomic_write_text
+
+
+def machine() -> str:
+    """A short name of this machine for file names: the GPU, or the CPU model and core count."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+    else:
+        name = _cpu_model().replace("(R)", "").replace("(TM)", "") + f" {os.cpu_count()}c"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def context() -> dict:
+    """What every row carries: machine, versions, commit and date."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    versions = f"torch {torch.__version__}, python {platform.python_version()}"
+    return {
+        "machine": machine(),
+        "versions": versions,
+        "commit": commit,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+COLUMNS = (
+    "op",
+    "shape",
+    "dtype",
+    "granularity",
+    "density",
+    "backend",
+    "batch",
+    "threads",
+    "median_ms",
+    "ratio_to_dense",
+    "ratio_to_ideal",
+)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write(rows: list[dict], out: Path, stem: str) -> list[Path]:
+    """``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` in ``out``, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [
+        atomic_write_text(out / f"{stem}.json", json.dumps(rows, indent=1) + "\n"),
+        atomic_write_text(out / f"{stem}.md", markdown(rows)),
+    ]
+    paths.append(atomic_write(out / f"{stem}.png", lambda tmp: _plot(rows, tmp)))
+    return paths
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["backend"] != "dense":
+            key = (row["op"], row["shape"], row["granularity"], row["dtype"])
+            groups.setdefault(key, []).append(row)
+    panels = sorted({k[:2] for k in groups})
+    cols = min(3, len(panels)) or 1
+    rows_n = -(-len(panels) // cols) or 1
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.6 * rows_n), squeeze=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        for key, members in groups.items():
+            if key[:2] != panel:
+                continue
+            for backend in sorted({m["backend"] for m in members}):
+                points = sorted(
+                    (m["density"], m["ratio_to_dense"]) for m in members if m["backend"] == backend
+                )
+                ax.plot(*zip(*points, strict=True), marker="o", label=f"{backend} ({key[2]})")
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal: density x dense")
+        ax.axhline(1.0, color="grey", lw=1)
+        ax.set(
+            title=f"{panel[0]} {panel[1]}", xlabel="density", ylabel="time / dense", xlim=(0, 1.05)
+        )
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,58 @@
+"""Timing: medians of interleaved runs, wall clock on the CPU, CUDA events on the GPU.
+
+The runs of all the routes being compared are interleaved (dense, backend, naive, dense, ...), so
+load from other processes shifts them alike and their ratios stay meaningful. Each route cycles
+through several inputs and masks, as a layer sees new ones every call: a fixed mask would keep
+its kept weights in cache and flatter the sparse kernels. On the GPU the L2 cache is flushed
+before each timed call, for the same reason.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+#: Bytes written to flush the GPU's L2 between timed calls (H100/H200 L2: 50-60 MB).
+L2_FLUSH_BYTES = 256 << 20
+
+
+def median_ms(
+    routes: dict[str, Sequence[Callable[[], object]]],
+    reps: int,
+    device: str = "cpu",
+    warmup: int = 5,
+) -> dict[str, float]:
+    """Median milliseconds per call of each route; a route is a list of calls it cycles through."""
+    timer = _cuda_timer() if device == "cuda" else _cpu_time
+    for calls in routes.values():
+        for i in range(warmup):
+            calls[i % len(calls)]()
+    times: dict[str, list[float]] = {name: [] for name in routes}
+    for i in range(reps):
+        for name, calls in routes.items():
+            times[name].append(timer(calls[i % len(calls)]))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _cpu_time(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return 1e3 * (time.perf_counter() - start)
+
+
+def _cuda_timer() -> Callable[[Callable[[], object]], float]:
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def time_one(call: Callable[[], object]) -> float:
+        flush.zero_()
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    return time_one

@@ -1,0 +1,48 @@
+"""The benchmarks' --quick mode end to end: every route checked and timed, files only where asked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from selact.bench import kernels
+from selact.cli import app
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_kernel_bench_times_every_route(tmp_path):
+    rows = list(kernels.run(kernels.cpu_cases(quick=True), "cpu", reps=3))
+    routes = {(r["op"], r["backend"]) for r in rows}
+    assert {
+        ("linear", "dense"),
+        ("linear", "cpu"),
+        ("linear", "reference"),
+        ("linear", "mask_multiply"),
+        ("linear", "gather"),
+    } <= routes
+    assert {("conv2d", "dense"), ("conv2d", "gather"), ("conv2d", "mask_multiply")} <= routes
+    for row in rows:
+        assert row["median_ms"] > 0
+        assert row["ratio_to_ideal"] == pytest.approx(row["ratio_to_dense"] / row["density"])
+        if row["backend"] == "dense":
+            assert row["ratio_to_dense"] == 1.0
+
+
+def test_quick_cli_writes_only_where_asked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "kernels", "--quick", "--reps", "3"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "results").exists()
+    result = runner.invoke(app, ["bench", "model", "--quick", "--reps", "3", "--out", "runs"])
+    assert result.exit_code == 0, result.output
+    written = sorted(p.suffix for p in (tmp_path / "runs").iterdir())
+    assert written == [".json", ".md", ".png"]
+    rows = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
+    assert {r["backend"] for r in rows} == {"dense", "selective"}
+    assert all({"machine", "versions", "commit", "date"} <= set(r) for r in rows)
+    result = runner.invoke(app, ["bench", "kernels", "--quick", "--out", "results/bench"])
+    assert result.exit_code != 0 and "never go to results" in result.output
