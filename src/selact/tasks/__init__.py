@@ -4,5 +4,4 @@ A new task module registers itself with ``@selact.train.register_task("name")`` 
 here by name, so the registry is complete once ``selact.tasks`` is imported.
 """
 
-from selact.tasks import cifar10  # noqa: F401  (registers "cifar10")
-from selact.tasks import voc  # noqa: F401  (registers "voc")
+from selact.tasks import cifar10, voc  # noqa: F401  (register "cifar10", "voc")

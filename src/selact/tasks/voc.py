@@ -20,6 +20,7 @@ are mapped back to the original image's pixels and scored against the untransfor
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -40,6 +41,8 @@ from selact.models.det import CPU_PRESET
 from selact.train.task import Distill, Task, TaskOptions, register_task
 
 __all__ = ["VOC", "VOCLoader", "PRESETS"]
+
+log = logging.getLogger(__name__)
 
 #: Model sizes by scale: ``full`` is ``det``'s defaults (input 256), ``cpu`` the reduced model
 #: that trains on 2 CPU cores, ``smoke`` a tiny one for tests (seconds).
@@ -241,8 +244,13 @@ class VOC(Task):
         for name, ap in zip(CLASSES, result.ap, strict=True):
             metrics[f"ap50_{name}"] = ap
         if self.coco:
-            coco = coco_map(metric.predictions, metric.targets)
-            metrics.update(coco_map=coco["map"], coco_map50=coco["map_50"])
+            try:
+                coco = coco_map(metric.predictions, metric.targets)
+            except ImportError as error:  # torchmetrics or pycocotools missing (a bare GPU box)
+                log.warning("COCO mAP skipped: %s", error)
+                self.coco = False
+            else:
+                metrics.update(coco_map=coco["map"], coco_map50=coco["map_50"])
         self.last_predictions = {
             "predictions": metric.predictions,
             "targets": metric.targets,
