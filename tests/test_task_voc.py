@@ -110,3 +110,11 @@ def test_smoke_fit_and_resume(task, tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file()
     with pytest.raises(NotImplementedError, match="distillation"):
         task.loss(model, next(iter(task.loader("train", batch_size=2))), distill=object())
+
+
+def test_workers_give_the_same_epoch(task):
+    serial = task.loader("train", batch_size=4, train=True, seed=3)
+    task.num_workers = 1
+    parallel = task.loader("train", batch_size=4, train=True, seed=3)
+    for (x, b), (y, c) in zip(_batches(serial), _batches(parallel), strict=True):
+        assert torch.equal(x, y) and all(torch.equal(p, q) for p, q in zip(b, c, strict=True))
