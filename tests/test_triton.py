@@ -64,3 +64,24 @@ def test_interpreted_triton_is_never_chosen_automatically():
     x, w = torch.randn(1, 8), torch.randn(4, 8)
     case = mgemm.linear_case(x, w, in_mask=torch.ones(8, dtype=torch.bool))
     assert mgemm.choose(case).name != "triton"
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the autotuner tries every config")
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_every_k_split_of_the_interpreted_kernels(split, monkeypatch):
+    import triton
+
+    from selact.mgemm import triton_kernels
+
+    for kernel in (triton_kernels._rows_kernel, triton_kernels._shared_kernel):
+        config = kernel.config
+        monkeypatch.setattr(
+            kernel, "config", triton.Config({**config.kwargs, "SPLIT_K": split}, num_warps=4)
+        )
+    for rows, shared in ((2, False), (17, True)):
+        x = torch.randn(rows, 200)
+        w = torch.randn(30, 200) / 14
+        mask = torch.rand(200) < 0.5 if shared else torch.rand(rows, 200) < 0.5
+        y, _ = mgemm.linear(x, w, in_mask=mask, backend="triton")
+        expected, _ = _reference(x, w, None, mask)
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)

@@ -138,6 +138,8 @@ def run(cases: list[KernelCase], device: str, reps: int, seed: int = 0) -> Itera
 
 
 def _check(out, reference, dtype) -> str | None:
+    if out.layout == torch.sparse_csr:
+        out = out.to_dense()
     scale = reference.float().abs().max().clamp_min(1.0)
     error = float((out.float() - reference.float()).abs().max() / scale)
     return None if error <= TOL[dtype] else f"max error {error:.2e} of the output's range"
@@ -202,7 +204,7 @@ def _linear_out_routes(case: KernelCase, device: str):
         x = torch.randn(case.batch, k, device=device, dtype=case.dtype)
         blocks = _masks((case.batch // tile[0], n // tile[1]), case.density, device)
         m = blocks.repeat_interleave(tile[0], 0).repeat_interleave(tile[1], 1)
-        variants.append((x, m, m.to_sparse_csr() if device == "cuda" else None))
+        variants.append((x, m, m.to(case.dtype).to_sparse_csr()))
     routes = {"dense": [lambda v=v: F.linear(v[0], w) for v in variants]}
     routes |= _served(
         lambda: mgemm.linear_case(variants[0][0], w, out_mask=variants[0][1]),
@@ -211,8 +213,7 @@ def _linear_out_routes(case: KernelCase, device: str):
     )
     if device == "cuda" and case.dtype == torch.float32:  # sampled_addmm: float32 CSR only
         routes["sampled_addmm"] = [
-            lambda v=v: torch.sparse.sampled_addmm(v[2].to(case.dtype), v[0], w.t())
-            for v in variants
+            lambda v=v: torch.sparse.sampled_addmm(v[2], v[0], w.t(), beta=0.0) for v in variants
         ]
     x, m, _ = variants[0]
     reference = mgemm.linear(x, w, out_mask=m, backend="reference")[0]

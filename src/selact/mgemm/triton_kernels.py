@@ -10,15 +10,57 @@
 
 Weights are read as ``Wᵀ`` (K, N), contiguous, so that a kept input's weights are one row.
 Accumulation is float32; split-K partial sums meet by atomic adds (their order is not fixed).
+Block sizes and the K split are autotuned on the GPU per shape (``ROWS_CONFIGS``).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
+
+def _tuned(configs, key):
+    """``triton.autotune`` on a GPU; the first config alone in the interpreter (tuning there would
+    only cost time) or with ``SELACT_TRITON_AUTOTUNE=0``. The output buffer is zeroed between
+    trials: split-K programs add into it."""
+    if INTERPRETING or os.environ.get("SELACT_TRITON_AUTOTUNE") == "0":
+        return lambda kernel: _FixedConfig(kernel, configs[0])
+    return triton.autotune(configs=configs, key=key, reset_to_zero=["y_ptr"])
+
+
+class _FixedConfig:
+    """A kernel launched with one fixed config, with autotune's calling convention."""
+
+    def __init__(self, kernel, config):
+        self.kernel, self.config = kernel, config
+
+    def __getitem__(self, grid):
+        meta = dict(self.config.kwargs)
+        grid = grid(meta) if callable(grid) else grid
+        return lambda *args, **kwargs: self.kernel[grid](
+            *args, **kwargs, **meta, num_warps=self.config.num_warps
+        )
+
+
+def _configs(num_warps=(4,), **choices):
+    combos = [{}]
+    for key, values in choices.items():
+        combos = [{**c, key: v} for c in combos for v in values]
+    return [triton.Config(c, num_warps=w) for c in combos for w in num_warps]
+
+
+#: Candidates of the autotuning (the first is the interpreter's config): block sizes and the K
+#: split (split-K programs add into a float32 buffer). Tuned on the GPU per shape at first use.
+ROWS_CONFIGS = _configs(BLOCK_N=[64, 32, 128], BLOCK_K=[64, 128], SPLIT_K=[2, 1, 4])[:10]
+SHARED_CONFIGS = _configs(BLOCK_M=[16], BLOCK_N=[64, 128], BLOCK_K=[64], SPLIT_K=[2, 1, 4])
+
+
+@_tuned(ROWS_CONFIGS, key=["K", "N"])
 @triton.jit
 def _rows_kernel(
     x_ptr,
@@ -32,16 +74,16 @@ def _rows_kernel(
     stride_m,
     stride_w,
     stride_y,
-    k_split,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    ATOMIC: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     split = tl.program_id(2)
+    k_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -63,12 +105,13 @@ def _rows_kernel(
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         acc += tl.where(split == 0, bias, 0.0)
-    if ATOMIC:
+    if SPLIT_K > 1:
         tl.atomic_add(y_ptr + row * stride_y + offs_n, acc, mask=n_ok)
     else:
-        tl.store(y_ptr + row * stride_y + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+        tl.store(y_ptr + row * stride_y + offs_n, acc, mask=n_ok)
 
 
+@_tuned(SHARED_CONFIGS, key=["R", "K", "N"])
 @triton.jit
 def _shared_kernel(
     x_ptr,
@@ -82,17 +125,17 @@ def _shared_kernel(
     stride_x,
     stride_w,
     stride_y,
-    k_split,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
+    k_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < R
@@ -121,10 +164,10 @@ def _shared_kernel(
         acc += tl.where(split == 0, bias, 0.0)[None, :]
     ptrs = y_ptr + offs_m[:, None] * stride_y + offs_n[None, :]
     ok = m_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
+    if SPLIT_K > 1:
         tl.atomic_add(ptrs, acc, mask=ok)
     else:
-        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+        tl.store(ptrs, acc, mask=ok)
 
 
 @triton.jit
@@ -178,25 +221,15 @@ def _out_masked_kernel(
     )
 
 
-def _split(k: int, programs: int, block_k: int, target: int = 528) -> int:
-    """K per split so that about ``target`` programs run (4 per SM of a 132-SM H100/H200)."""
-    splits = max(1, min(k // (4 * block_k), target // max(programs, 1)))
-    per = -(-k // splits)
-    return -(-per // block_k) * block_k
-
-
-def rows_linear(x2, mask, wt, bias, block_k=64, block_n=128, num_warps=4):
+def rows_linear(x2, mask, wt, bias):
     """``(mask ⊙ x2) Wᵀ + b`` for (R, K) ``x2``; ``mask`` is (R, K) or (K,) (bool) or None."""
     r, k = x2.shape
     n = wt.shape[1]
-    blocks = triton.cdiv(n, block_n)
-    k_split = _split(k, blocks * r, block_k)
-    splits = triton.cdiv(k, k_split)
-    atomic = splits > 1
-    y = torch.zeros(r, n, device=x2.device, dtype=torch.float32) if atomic else x2.new_empty(r, n)
+    y = torch.zeros(r, n, device=x2.device, dtype=torch.float32)
     m = mask.view(torch.uint8) if mask is not None else x2
     stride_m = 0 if mask is None or mask.dim() == 1 else mask.stride(0)
-    _rows_kernel[(blocks, r, splits)](
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), r, meta["SPLIT_K"])  # noqa: E731
+    _rows_kernel[grid](
         x2,
         m,
         wt,
@@ -208,28 +241,24 @@ def rows_linear(x2, mask, wt, bias, block_k=64, block_n=128, num_warps=4):
         stride_m,
         wt.stride(0),
         y.stride(0),
-        k_split,
         HAS_MASK=mask is not None,
         HAS_BIAS=bias is not None,
-        ATOMIC=atomic,
-        BLOCK_K=block_k,
-        BLOCK_N=block_n,
-        num_warps=num_warps,
     )
-    return y.to(x2.dtype) if atomic else y
+    return y.to(x2.dtype)
 
 
-def shared_linear(x2, mask, wt, bias, block_m=16, block_k=64, block_n=128, num_warps=4):
+def shared_linear(x2, mask, wt, bias):
     """``(mask ⊙ x2) Wᵀ + b`` for (R, K) ``x2`` and a (K,) ``mask`` shared by every row."""
     r, k = x2.shape
     n = wt.shape[1]
-    grid_nm = triton.cdiv(n, block_n) * triton.cdiv(r, block_m)
-    k_split = _split(k, grid_nm, block_k)
-    splits = triton.cdiv(k, k_split)
-    atomic = splits > 1
-    y = torch.zeros(r, n, device=x2.device, dtype=torch.float32) if atomic else x2.new_empty(r, n)
+    y = torch.zeros(r, n, device=x2.device, dtype=torch.float32)
     m = mask.view(torch.uint8) if mask is not None else x2
-    _shared_kernel[(triton.cdiv(n, block_n), triton.cdiv(r, block_m), splits)](
+    grid = lambda meta: (  # noqa: E731
+        triton.cdiv(n, meta["BLOCK_N"]),
+        triton.cdiv(r, meta["BLOCK_M"]),
+        meta["SPLIT_K"],
+    )
+    _shared_kernel[grid](
         x2,
         m,
         wt,
@@ -241,16 +270,10 @@ def shared_linear(x2, mask, wt, bias, block_m=16, block_k=64, block_n=128, num_w
         x2.stride(0),
         wt.stride(0),
         y.stride(0),
-        k_split,
         HAS_MASK=mask is not None,
         HAS_BIAS=bias is not None,
-        ATOMIC=atomic,
-        BLOCK_M=block_m,
-        BLOCK_K=block_k,
-        BLOCK_N=block_n,
-        num_warps=num_warps,
     )
-    return y.to(x2.dtype) if atomic else y
+    return y.to(x2.dtype)
 
 
 def out_masked_linear(x2, weight, bias, out_mask, block_m=32, block_n=64, block_k=32):

@@ -1,0 +1,5 @@
+"""``python -m selact``: the same command as ``selact``."""
+
+from selact.cli import app
+
+app()
