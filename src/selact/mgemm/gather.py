@@ -25,7 +25,7 @@ def conv2d(
     if in_mask is None:
         y = F.conv2d(x, weight, bias, *args)
     else:
-        keep = in_mask.reshape(in_mask.shape[0], -1)
+        keep = in_mask.expand(in_mask.shape[0], x.shape[1], 1, 1).reshape(in_mask.shape[0], -1)
         if keep.shape[0] == 1:  # batch-shared: one gather for the whole batch
             y = _gathered_conv(x, weight, bias, keep[0], args)
         else:
