@@ -56,3 +56,35 @@ def _cuda_timer() -> Callable[[Callable[[], object]], float]:
         return start.elapsed_time(end)
 
     return time_one
+
+
+def graphed(
+    routes: dict[str, Sequence[Callable[[], object]]],
+) -> tuple[dict[str, list[Callable[[], object]]], dict[str, str]]:
+    """Each route's calls captured as CUDA graphs, so that timing them measures the GPU's work
+    and not Python's launch overhead; a route that cannot be captured (it syncs, as ``nonzero``
+    does) stays eager. Returns the new routes and, per route, ``"cuda_graph"`` or ``"eager"``."""
+    out: dict[str, list[Callable[[], object]]] = {}
+    methods: dict[str, str] = {}
+    for name, calls in routes.items():
+        try:
+            out[name] = [_capture(call) for call in calls]
+            methods[name] = "cuda_graph"
+        except RuntimeError:
+            torch.cuda.synchronize()
+            out[name] = list(calls)
+            methods[name] = "eager"
+    return out, methods
+
+
+def _capture(call: Callable[[], object]) -> Callable[[], object]:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (autotuning, caches) outside the capture
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay

@@ -42,8 +42,10 @@ class Backend:
         devices: device types it runs on (``"cpu"``, ``"cuda"``).
         dtypes: input dtypes it accepts.
         ops: op name -> function with the public op's signature (minus ``backend``).
-        priority: automatic choice tries higher priorities first; a priority of 0 or less is
-            used only when named.
+        priority: automatic choice tries higher priorities first.
+        auto_devices: device types where the automatic choice may pick it (default: all of
+            ``devices``); elsewhere it serves only when named, e.g. where it was measured slower
+            than the reference, or under Triton's interpreter.
         check: optional ``Case -> reason or None`` for limits beyond device and dtype.
         differentiable: whether its results carry gradients.
     """
@@ -53,6 +55,7 @@ class Backend:
     dtypes: frozenset[torch.dtype]
     ops: Mapping[str, Callable]
     priority: int = 1
+    auto_devices: frozenset[str] | None = None
     check: Callable[[Case], str | None] | None = None
     differentiable: bool = True
 
@@ -113,8 +116,7 @@ def _choose_automatically(case: Case) -> Backend:
     candidates = [
         b
         for b in candidates
-        if b.priority > 0  # priority <= 0: used only when named (the Triton interpreter, say)
-        and case.device in b.devices
+        if case.device in (b.devices if b.auto_devices is None else b.auto_devices)
         and case.op in b.ops
         and (b.differentiable or not case.needs_grad)
     ]

@@ -43,72 +43,71 @@ class _FixedConfig:
         meta = dict(self.config.kwargs)
         grid = grid(meta) if callable(grid) else grid
         return lambda *args, **kwargs: self.kernel[grid](
-            *args, **kwargs, **meta, num_warps=self.config.num_warps
+            *args,
+            **kwargs,
+            **meta,
+            num_warps=self.config.num_warps,
+            num_stages=self.config.num_stages,
         )
 
 
-def _configs(num_warps=(4,), **choices):
+def _configs(num_warps=(4,), num_stages=(3,), **choices):
     combos = [{}]
     for key, values in choices.items():
         combos = [{**c, key: v} for c in combos for v in values]
-    return [triton.Config(c, num_warps=w) for c in combos for w in num_warps]
+    return [
+        triton.Config(c, num_warps=w, num_stages=s)
+        for c in combos
+        for w in num_warps
+        for s in num_stages
+    ]
 
 
-#: Candidates of the autotuning (the first is the interpreter's config): block sizes and the K
-#: split (split-K programs add into a float32 buffer). Tuned on the GPU per shape at first use.
-ROWS_CONFIGS = _configs(BLOCK_N=[64, 32, 128], BLOCK_K=[64, 128], SPLIT_K=[2, 1, 4])[:10]
-SHARED_CONFIGS = _configs(BLOCK_M=[16], BLOCK_N=[64, 128], BLOCK_K=[64], SPLIT_K=[2, 1, 4])
+#: Candidates of the autotuning (the first is the interpreter's config), tuned on the GPU per
+#: shape at first use. The GEMV stores its rows directly (no split of K: a float32 buffer and a
+#: cast would add two kernels to a 20-40 us call); small output blocks give it parallelism.
+ROWS_CONFIGS = _configs(
+    BLOCK_N=[64, 32, 128], BLOCK_K=[64, 128, 256], num_warps=(4, 8), num_stages=(3, 4)
+)
+#: The shared-mask GEMM splits K (partial sums added into a float32 buffer) when its output tiles
+#: are too few to fill the GPU.
+SHARED_CONFIGS = _configs(
+    BLOCK_M=[16], BLOCK_N=[64, 128], BLOCK_K=[64, 128], SPLIT_K=[2, 1, 4], num_stages=(3, 4)
+)
+#: Output-masked GEMM tiles.
+OUT_CONFIGS = _configs(
+    BLOCK_M=[32, 64, 128], BLOCK_N=[64, 128], BLOCK_K=[32, 64], num_warps=(4, 8), num_stages=(3,)
+)
 
 
 @_tuned(ROWS_CONFIGS, key=["K", "N"])
 @triton.jit
 def _rows_kernel(
-    x_ptr,
-    m_ptr,
-    wt_ptr,
-    b_ptr,
-    y_ptr,
-    K,
-    N,
-    stride_x,
-    stride_m,
-    stride_w,
-    stride_y,
-    HAS_MASK: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    x_ptr, m_ptr, wt_ptr, b_ptr, y_ptr, K, N, stride_x, stride_m, stride_w, stride_y,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-):
+):  # fmt: skip
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
-    split = tl.program_id(2)
-    k_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    k_begin = split * k_split
-    k_end = tl.minimum(k_begin + k_split, K)
-    for k0 in range(k_begin, k_end, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < k_end
+        k_ok = offs_k < K
         xv = tl.load(x_ptr + row * stride_x + offs_k, mask=k_ok, other=0.0)
         keep = k_ok & (xv != 0)
         if HAS_MASK:
             keep = keep & (tl.load(m_ptr + row * stride_m + offs_k, mask=k_ok, other=0) != 0)
-        w = tl.load(
+        w = tl.load(  # the rows of dropped or zero inputs are never read
             wt_ptr + offs_k[:, None] * stride_w + offs_n[None, :],
             mask=keep[:, None] & n_ok[None, :],
             other=0.0,
         )
         acc += tl.sum(xv.to(tl.float32)[:, None] * w.to(tl.float32), axis=0)
     if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        acc += tl.where(split == 0, bias, 0.0)
-    if SPLIT_K > 1:
-        tl.atomic_add(y_ptr + row * stride_y + offs_n, acc, mask=n_ok)
-    else:
-        tl.store(y_ptr + row * stride_y + offs_n, acc, mask=n_ok)
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @_tuned(SHARED_CONFIGS, key=["R", "K", "N"])
@@ -170,6 +169,7 @@ def _shared_kernel(
         tl.store(ptrs, acc, mask=ok)
 
 
+@_tuned(OUT_CONFIGS, key=["R", "N", "K"])
 @triton.jit
 def _out_masked_kernel(
     x_ptr,
@@ -225,10 +225,10 @@ def rows_linear(x2, mask, wt, bias):
     """``(mask ⊙ x2) Wᵀ + b`` for (R, K) ``x2``; ``mask`` is (R, K) or (K,) (bool) or None."""
     r, k = x2.shape
     n = wt.shape[1]
-    y = torch.zeros(r, n, device=x2.device, dtype=torch.float32)
+    y = x2.new_empty(r, n)
     m = mask.view(torch.uint8) if mask is not None else x2
     stride_m = 0 if mask is None or mask.dim() == 1 else mask.stride(0)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), r, meta["SPLIT_K"])  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), r)  # noqa: E731
     _rows_kernel[grid](
         x2,
         m,
@@ -244,7 +244,7 @@ def rows_linear(x2, mask, wt, bias):
         HAS_MASK=mask is not None,
         HAS_BIAS=bias is not None,
     )
-    return y.to(x2.dtype)
+    return y
 
 
 def shared_linear(x2, mask, wt, bias):
@@ -276,13 +276,14 @@ def shared_linear(x2, mask, wt, bias):
     return y.to(x2.dtype)
 
 
-def out_masked_linear(x2, weight, bias, out_mask, block_m=32, block_n=64, block_k=32):
+def out_masked_linear(x2, weight, bias, out_mask):
     """``M_out ⊙ (x2 Wᵀ + b)`` for (R, K) ``x2`` and an (R, N) bool ``out_mask``."""
     r, k = x2.shape
     n = weight.shape[0]
     y = x2.new_empty(r, n)
     m = out_mask.view(torch.uint8)
-    _out_masked_kernel[(triton.cdiv(r, block_m), triton.cdiv(n, block_n))](
+    grid = lambda meta: (triton.cdiv(r, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    _out_masked_kernel[grid](
         x2,
         weight,
         bias if bias is not None else x2,
@@ -296,8 +297,5 @@ def out_masked_linear(x2, weight, bias, out_mask, block_m=32, block_n=64, block_
         m.stride(0),
         y.stride(0),
         HAS_BIAS=bias is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
     )
     return y

@@ -84,7 +84,9 @@ def _values_site(config: SelectiveConfig | None) -> SelectiveAttentionValues | N
 
 
 def _attend(scores: torch.Tensor, v: torch.Tensor, site, dropout: float, training: bool):
-    probs = F.dropout(scores.softmax(-1), p=dropout, training=training)
+    # Softmax in float32 (as scaled_dot_product_attention does): half-precision softmax drifts.
+    probs = scores.softmax(-1, dtype=torch.float32).to(scores.dtype)
+    probs = F.dropout(probs, p=dropout, training=training)
     return (site(probs, v) if site is not None else probs @ v), probs
 
 
