@@ -101,3 +101,23 @@ def demo(
         payload = {**result.to_dict(), "total_seconds": seconds}
         atomic_write_text(out, json.dumps(payload, indent=2) + "\n")
         console.print(f"wrote {out}")
+
+
+# Task commands for Pascal VOC detection (`--task voc --model det`). Registered last and only
+# under names no command above has taken: a generic `train|finetune|eval|sweep` defined above
+# wins, and should hand `--task voc` to selact.experiments.voc_commands.
+def _register_voc_commands() -> None:
+    from selact.experiments import voc_commands
+
+    taken = {info.name or info.callback.__name__ for info in app.registered_commands}
+    for name, command in (
+        ("train", voc_commands.train),
+        ("finetune", voc_commands.finetune),
+        ("eval", voc_commands.evaluate),
+        ("sweep", voc_commands.sweep),
+    ):
+        if name not in taken:
+            app.command(name)(command)
+
+
+_register_voc_commands()

@@ -49,7 +49,15 @@ from selact.train import TaskOptions, TrainConfig, create_task, fit, hardware, l
 from selact.train.checkpoint import read_sidecar
 from selact.train.loop import evaluate
 
-__all__ = ["SweepConfig", "SCALES", "Row", "run_sweep", "train_dense", "row_model"]
+__all__ = [
+    "SweepConfig",
+    "SCALES",
+    "Row",
+    "run_sweep",
+    "train_dense",
+    "row_model",
+    "evaluate_one",
+]
 
 log = logging.getLogger(__name__)
 
@@ -345,6 +353,27 @@ def _evaluate_row(
         "key": row.key,
     }
     return values, model
+
+
+def evaluate_one(
+    config: SweepConfig,
+    row: Row,
+    *,
+    progress: bool = True,
+    command: str = "",
+    predictions: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """One row of the sweep on its own (``selact eval`` / ``selact finetune``): the dense
+    detector is trained or loaded as in :func:`run_sweep`, then ``row`` is converted, fine-tuned
+    if it asks, and evaluated on val. ``predictions`` saves the val detections and truth (for
+    ``SELACT_VOC_PREDICTIONS``, see tests/test_metrics_voc.py)."""
+    task = _task(config)
+    dense, _, info = train_dense(task, config, progress=progress, command=command)
+    values, _ = _evaluate_row(task, dense, info.get("sha256", ""), row, config, progress)
+    if predictions is not None:
+        Path(predictions).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(task.last_predictions, predictions)
+    return {**values, "seed": config.seed, "scale": config.scale, "command": command}
 
 
 def run_sweep(config: SweepConfig, *, progress: bool = True, command: str = "") -> dict[str, Any]:
