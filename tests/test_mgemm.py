@@ -365,9 +365,20 @@ def test_named_backend_raises_when_it_cannot_serve(fake_backend, monkeypatch):
                 in_mask=torch.rand(2, 8, 1, 1) < 0.5,
             ),
         ),
+        (
+            "cpu-conv",
+            lambda: mgemm.conv2d_case(
+                torch.randn(1, 32, 4, 4),
+                torch.randn(16, 32, 3, 3),
+                padding=1,
+                in_mask=torch.rand(1, 32, 1, 1) < 0.5,
+            ),
+        ),
     ],
 )
 def test_fast_backends_serve_the_cases_they_exist_for(backend, case):
+    if backend == "cpu-conv":
+        backend = "cpu"
     # The hypothesis tests above skip the cases a backend declines: make sure that the cases each
     # backend is built for are served, so those tests do compare it with the brute force.
     assert mgemm.why_not(backend, case()) is None
