@@ -61,6 +61,18 @@ def model_command(
     _finish(rows, "model", quick, out)
 
 
+@app.command("plot")
+def plot_command(
+    json_file: Annotated[Path, typer.Argument(help="A JSON file written by selact bench.")],
+) -> None:
+    """Redraw the PNG beside a benchmark's JSON (same name, .png)."""
+    import json
+
+    rows = json.loads(json_file.read_text())
+    path = report.plot(rows, json_file.with_suffix(".png"))
+    Console().print(f"wrote {path}")
+
+
 def _finish(rows: list[dict], kind: str, quick: bool, out: Path | None) -> None:
     context = report.context()
     rows = [{**row, **context} for row in rows]

@@ -81,8 +81,13 @@ def write(rows: list[dict], out: Path, stem: str) -> list[Path]:
         atomic_write_text(out / f"{stem}.json", json.dumps(rows, indent=1) + "\n"),
         atomic_write_text(out / f"{stem}.md", markdown(rows)),
     ]
-    paths.append(atomic_write(out / f"{stem}.png", lambda tmp: _plot(rows, tmp)))
+    paths.append(plot(rows, out / f"{stem}.png"))
     return paths
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Time relative to dense against density, a panel per op and shape; written atomically."""
+    return atomic_write(path, lambda tmp: _plot(rows, tmp))
 
 
 def _plot(rows: list[dict], path: Path) -> None:

@@ -66,18 +66,12 @@ def _configs(num_warps=(4,), num_stages=(3,), **choices):
 #: Candidates of the autotuning (the first is the interpreter's config), tuned on the GPU per
 #: shape at first use. The GEMV stores its rows directly (no split of K: a float32 buffer and a
 #: cast would add two kernels to a 20-40 us call); small output blocks give it parallelism.
-ROWS_CONFIGS = _configs(
-    BLOCK_N=[64, 32, 128], BLOCK_K=[64, 128, 256], num_warps=(4, 8), num_stages=(3, 4)
-)
+ROWS_CONFIGS = _configs(BLOCK_N=[64, 32, 128], BLOCK_K=[64, 128], num_stages=(3, 4))
 #: The shared-mask GEMM splits K (partial sums added into a float32 buffer) when its output tiles
 #: are too few to fill the GPU.
-SHARED_CONFIGS = _configs(
-    BLOCK_M=[16], BLOCK_N=[64, 128], BLOCK_K=[64, 128], SPLIT_K=[2, 1, 4], num_stages=(3, 4)
-)
+SHARED_CONFIGS = _configs(BLOCK_M=[16], BLOCK_N=[64, 128], BLOCK_K=[64], SPLIT_K=[2, 1, 4])
 #: Output-masked GEMM tiles.
-OUT_CONFIGS = _configs(
-    BLOCK_M=[32, 64, 128], BLOCK_N=[64, 128], BLOCK_K=[32, 64], num_warps=(4, 8), num_stages=(3,)
-)
+OUT_CONFIGS = _configs(BLOCK_M=[32, 64, 128], BLOCK_N=[64, 128], BLOCK_K=[32, 64])[:8]
 
 
 @_tuned(ROWS_CONFIGS, key=["K", "N"])
