@@ -5,6 +5,7 @@ The only module that writes to the terminal: results go to stdout, progress and 
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import time
@@ -15,12 +16,41 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from typer.core import TyperGroup
 
+from selact import cli_train
 from selact._files import atomic_write_text
 from selact.bench.cli import app as bench_app
 from selact.experiments.demo import DemoConfig, DemoResult, run_demo
 
-app = typer.Typer(help="Selective activation for PyTorch.", no_args_is_help=True)
+_ROUTED = {"train": "train", "finetune": "finetune", "eval": "evaluate", "sweep": "sweep"}
+
+
+class _TaskGroup(TyperGroup):
+    """Sends ``train|finetune|eval|sweep --task NAME`` to the task's own commands when
+    ``cli_train.TASK_COMMANDS`` names a module for it; every other task uses the generic ones."""
+
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        task = _option(rest, "--task")
+        if name in _ROUTED and task in cli_train.TASK_COMMANDS:
+            module = importlib.import_module(cli_train.TASK_COMMANDS[task])
+            sub = typer.Typer()
+            sub.command(name)(getattr(module, _ROUTED[name]))
+            command = typer.main.get_command(sub)
+        return name, command, rest
+
+
+def _option(args: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+app = typer.Typer(help="Selective activation for PyTorch.", no_args_is_help=True, cls=_TaskGroup)
 app.add_typer(bench_app, name="bench")
 
 
@@ -103,21 +133,6 @@ def demo(
         console.print(f"wrote {out}")
 
 
-# Task commands for Pascal VOC detection (`--task voc --model det`). Registered last and only
-# under names no command above has taken: a generic `train|finetune|eval|sweep` defined above
-# wins, and should hand `--task voc` to selact.experiments.voc_commands.
-def _register_voc_commands() -> None:
-    from selact.experiments import voc_commands
-
-    taken = {info.name or info.callback.__name__ for info in app.registered_commands}
-    for name, command in (
-        ("train", voc_commands.train),
-        ("finetune", voc_commands.finetune),
-        ("eval", voc_commands.evaluate),
-        ("sweep", voc_commands.sweep),
-    ):
-        if name not in taken:
-            app.command(name)(command)
-
-
-_register_voc_commands()
+# train|finetune|eval|sweep|report, generic over registered tasks (selact.cli_train); a task
+# listed in TASK_COMMANDS gets its own train|finetune|eval|sweep through _TaskGroup.
+cli_train.register(app)

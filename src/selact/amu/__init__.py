@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from selact.amu.budget import BudgetResult, apply_densities, budget_search, uniform_search
 from selact.amu.calibration import ScoreSample
 from selact.amu.norms import conv2d_input_norms, linear_input_norms
 from selact.amu.select import keep_count, pool, threshold_keep, topk_keep
@@ -18,6 +19,10 @@ from selact.config import SelectiveConfig
 
 __all__ = [
     "STRATEGIES",
+    "BudgetResult",
+    "apply_densities",
+    "budget_search",
+    "uniform_search",
     "ScoreSample",
     "Strategy",
     "conv2d_input_norms",

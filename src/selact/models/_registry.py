@@ -30,10 +30,26 @@ def register_model(name: str) -> Callable[[Factory], Factory]:
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build the model registered as ``name``, passing ``kwargs`` to its factory."""
+    """Build the model registered as ``name``, passing ``kwargs`` to its factory.
+
+    ``"torchvision:<name>"`` builds ``torchvision.models.get_model(name, **kwargs)`` and
+    ``"timm:<name>"`` builds ``timm.create_model(name, **kwargs)`` (random weights unless the
+    keyword arguments ask for pretrained ones).
+    """
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        return torchvision.models.get_model(name.split(":", 1)[1], **kwargs)
+    if name.startswith("timm:"):
+        try:
+            import timm
+        except ImportError as error:
+            raise ImportError(f"model {name!r} needs timm: pip install timm") from error
+        return timm.create_model(name.split(":", 1)[1], **kwargs)
     if name not in _MODELS:
         raise KeyError(
-            f"unknown model {name!r}; known models: {', '.join(list_models()) or 'none'}"
+            f"unknown model {name!r}; known models: {', '.join(list_models()) or 'none'} "
+            "(or torchvision:<name>, timm:<name>)"
         )
     return _MODELS[name](**kwargs)
 

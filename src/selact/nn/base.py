@@ -102,9 +102,7 @@ class SelectiveModule(Converted, nn.Module):
         if not torch.is_autocast_enabled(device):
             return tensors
         dtype = torch.get_autocast_dtype(device)
-        return tuple(
-            t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors
-        )
+        return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
     def check_input(
         self,

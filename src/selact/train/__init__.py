@@ -12,6 +12,7 @@ from selact.train.checkpoint import (
 from selact.train.loop import (
     FitResult,
     TrainConfig,
+    autocast,
     distributed_context,
     evaluate,
     fit,
@@ -37,6 +38,7 @@ __all__ = [
     "Task",
     "TaskOptions",
     "TrainConfig",
+    "autocast",
     "create_task",
     "distributed_context",
     "evaluate",

@@ -54,6 +54,7 @@ from selact.train.task import Distill, Task
 __all__ = [
     "FitResult",
     "TrainConfig",
+    "autocast",
     "distributed_context",
     "fit",
     "hardware",
@@ -89,6 +90,10 @@ class TrainConfig:
     eval_split: str = "val"
     eval_batch_size: int = 1000
     checkpoint_every: int = 1  # write the training state every this many epochs (0: never)
+    # With a time limit the schedules run on max(step / total steps, training seconds / limit)
+    # and training stops when that reaches 1: ``epochs`` becomes a maximum. The result then
+    # depends on the machine's speed; the sidecar records the epochs actually done.
+    time_limit: float | None = None
     # Mask-aware fine-tuning (models converted by selact.sparsify):
     density_schedule: str = "constant"  # "constant", or "linear"/"cosine" from 1.0 to target
     density_warmup: float = 0.5  # fraction of the steps over which the density falls
@@ -176,23 +181,25 @@ def _layer_configs(
             layer.config = target
 
 
-def _density_fraction(config: TrainConfig, step: int, total: int) -> float:
+def _density_fraction(config: TrainConfig, progress: float) -> float:
+    """How far each layer's density has fallen from 1.0 to its target, at ``progress``."""
     if config.density_schedule == "constant" or config.density_warmup <= 0:
         return 1.0
-    t = min(1.0, step / max(1.0, config.density_warmup * total))
+    t = min(1.0, progress / config.density_warmup)
     return t if config.density_schedule == "linear" else 0.5 - 0.5 * math.cos(math.pi * t)
 
 
-def _lr(config: TrainConfig, step: int, total: int) -> float:
-    warm = config.warmup * total
-    if step < warm:
-        return config.lr * (config.warmup_start + (1 - config.warmup_start) * step / warm)
+def _lr(config: TrainConfig, progress: float) -> float:
+    """The learning rate at ``progress`` in [0, 1] of the run."""
+    warm = config.warmup
+    if progress < warm:
+        return config.lr * (config.warmup_start + (1 - config.warmup_start) * progress / warm)
     if config.schedule == "constant":
         return config.lr
-    t = (step - warm) / max(1.0, total - warm)
+    t = min(1.0, (progress - warm) / max(1e-12, 1.0 - warm))
     if config.schedule == "linear":
         return config.lr * max(0.0, 1.0 - t)
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def _optimizer(model: nn.Module, config: TrainConfig, device: torch.device):
@@ -209,7 +216,8 @@ def _optimizer(model: nn.Module, config: TrainConfig, device: torch.device):
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, config.beta2), **fused)
 
 
-def _autocast(config: TrainConfig, device: torch.device):
+def autocast(config: TrainConfig, device: torch.device):
+    """The autocast context of ``config.amp`` on ``device`` (a null context when off)."""
     amp = config.amp
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "off"
@@ -249,7 +257,7 @@ def evaluate(
     model.eval()
     try:
         loader = task.loader(split, batch_size=config.eval_batch_size, train=False)
-        with _autocast(config, device):
+        with autocast(config, device):
             return task.evaluate(model, loader)
     finally:
         model.train(was_training)
@@ -300,11 +308,9 @@ def fit(
         model.to(memory_format=torch.channels_last)
     distill = None
     if teacher is not None and config.distill > 0:
-        teacher = teacher.to(device).eval()
+        teacher = teacher.to(device).eval()  # the task runs it without gradients
         if channels_last:
             teacher.to(memory_format=torch.channels_last)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
         distill = Distill(teacher, config.distill, config.temperature)
 
     layers = selective_layers(model)
@@ -320,7 +326,7 @@ def fit(
         rank=rank,
         world_size=world,
     )
-    total = config.epochs * len(loader)
+    total = config.epochs * len(loader)  # steps
     meta: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "train_seconds": 0.0}
     state_path = run_dir / "last.safetensors" if run_dir is not None else None
     if resume and state_path is not None and state_path.is_file():
@@ -358,18 +364,30 @@ def fit(
     with _layer_configs(layers, targets) as set_density:
         if ema is not None:
             ema_layers = selective_layers(ema.module)
+        out_of_time = meta.get("out_of_time", False)
+        lr = 0.0
         for epoch in range(meta["epoch"], config.epochs):
+            if out_of_time:
+                break
             model.train()
             loader.set_epoch(epoch)
             start = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
+            steps_before = step
             for batch in loader:
-                lr = _lr(config, step, total)
+                progress = step / max(1, total)
+                if config.time_limit:
+                    elapsed = train_seconds + time.perf_counter() - start
+                    progress = max(progress, elapsed / config.time_limit)
+                    if progress >= 1.0:
+                        out_of_time = True
+                        break
+                lr = _lr(config, progress)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 if layers:
-                    set_density(_density_fraction(config, step, total))
-                with _autocast(config, device):
+                    set_density(_density_fraction(config, progress))
+                with autocast(config, device):
                     loss = task.loss(train_model, batch, distill=distill)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -388,11 +406,11 @@ def fit(
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "step": step,
-                "lr": lr if len(loader) else 0.0,
-                "train_loss": float(loss_sum) / max(1, len(loader)),
+                "lr": lr,
+                "train_loss": float(loss_sum) / max(1, step - steps_before),
                 "seconds": seconds,
             }
-            last = epoch + 1 == config.epochs
+            last = epoch + 1 == config.epochs or out_of_time
             if is_main and config.eval_every and ((epoch + 1) % config.eval_every == 0 or last):
                 if ema is not None:  # the EMA follows the current density schedule too
                     for layer, trained in zip(ema_layers, layers, strict=True):
@@ -409,6 +427,7 @@ def fit(
                 "train_seconds": train_seconds,
                 "config": config.to_dict(),
                 "ema_updates": ema.updates if ema else 0,
+                "out_of_time": out_of_time,
                 "seed": config.seed,
                 "data": task.describe(),
                 **(info or {}),
@@ -431,7 +450,9 @@ def fit(
     if ema is not None:
         for layer, target in zip(selective_layers(ema.module), targets, strict=True):
             layer.config = target
-    splits = final_splits or tuple(s for s in task.splits if s != "train")
+    if final_splits is None:
+        final_splits = tuple(s for s in task.splits if s != "train")
+    splits = final_splits
     metrics: dict[str, dict[str, float]] = {}
     checkpoint = None
     final_info = {
@@ -440,6 +461,7 @@ def fit(
         "data": task.describe(),
         "train_seconds": train_seconds,
         "epochs": config.epochs,
+        "epochs_done": step / max(1, len(loader)),
         "hardware": hardware(device),
         "world_size": world,
         "ema": config.ema > 0,

@@ -1,0 +1,233 @@
+"""The training core: task registry, schedules, checkpoints, resume, fine-tuning, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import selact
+from selact.tasks.cifar10 import TensorLoader
+from selact.train import (
+    Task,
+    TaskOptions,
+    TrainConfig,
+    create_task,
+    fit,
+    list_tasks,
+    load_model,
+    read_sidecar,
+    register_task,
+)
+from selact.train.loop import _density_fraction, _lr
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(
+    not (SHARED_DATA / "cifar10-jpeg.tar.gz").is_file(), reason="no ../shared/data"
+)
+
+
+@register_task("toy")
+class Toy(Task):
+    """Random 8x8 images whose label is the brightest of 4 quadrants: learnable in seconds."""
+
+    primary_metric = "top1"
+
+    def __init__(self, options: TaskOptions, n: int = 256) -> None:
+        super().__init__(options)
+        g = torch.Generator().manual_seed(options.split_seed)
+        self.data = {}
+        for i, split in enumerate(("train", "val", "test")):
+            images = torch.randint(0, 100, (n if i == 0 else n // 2, 3, 8, 8), generator=g)
+            labels = torch.randint(0, 4, (images.shape[0],), generator=g)
+            for q in range(4):
+                r, c = divmod(q, 2)
+                images[labels == q, :, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] += 120
+            self.data[split] = (images.to(torch.uint8), labels)
+
+    def loader(self, split, *, batch_size, train=False, seed=0, rank=0, world_size=1):
+        images, labels = self.data[split]
+        return TensorLoader(
+            images, labels, batch_size, train=train, seed=seed, rank=rank,
+            world_size=world_size, augment_args={"padding": 1},
+        )  # fmt: skip
+
+    def loss(self, model, batch, *, distill=None):
+        images, labels = batch
+        loss = nn.functional.cross_entropy(model(images), labels)
+        if distill is not None:
+            with torch.no_grad():
+                teacher = distill.teacher(images)
+            loss = loss + distill.weight * nn.functional.mse_loss(model(images), teacher)
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, model, loader):
+        correct = total = 0
+        for images, labels in loader:
+            correct += int((model(images).argmax(1) == labels).sum())
+            total += labels.numel()
+        return {"top1": correct / total}
+
+    def model_kwargs(self):
+        return {}
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 4),
+    )
+
+
+CONFIG = TrainConfig(epochs=3, batch_size=32, lr=0.1, warmup=0.2, eval_batch_size=64)
+
+
+def test_registry_lists_tasks_and_names_unknown_ones():
+    assert {"cifar10", "toy"} <= set(list_tasks())
+    with pytest.raises(KeyError, match="cifar10"):
+        create_task("no-such-task")
+
+
+def test_schedules():
+    c = TrainConfig(lr=1.0, warmup=0.2, warmup_start=0.1, schedule="linear")
+    assert _lr(c, 0.0) == pytest.approx(0.1)
+    assert _lr(c, 0.2) == pytest.approx(1.0)
+    assert _lr(c, 0.6) == pytest.approx(0.5)
+    assert _lr(c, 1.0) == pytest.approx(0.0)
+    assert _lr(c.replace(schedule="cosine"), 0.6) == pytest.approx(0.5)
+    d = TrainConfig(density_schedule="linear", density_warmup=0.5)
+    assert [_density_fraction(d, p) for p in (0.0, 0.25, 0.5, 0.9)] == [0.0, 0.5, 1.0, 1.0]
+    assert _density_fraction(d.replace(density_schedule="constant"), 0.0) == 1.0
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="lion")
+
+
+def test_fit_learns_and_writes_checkpoints(tmp_path):
+    task = create_task("toy")
+    result = fit(task, _net(), CONFIG.replace(epochs=4, ema=0.9), run_dir=tmp_path, progress=False)
+    assert result.metrics["test"]["top1"] > 0.6
+    assert len(result.history) == 4 and "val" in result.history[-1]
+    side = read_sidecar(tmp_path / "model.safetensors")
+    assert side["config"]["epochs"] == 4 and side["seed"] == 0 and side["ema"]
+    assert side["metrics"]["test"]["top1"] == result.metrics["test"]["top1"]
+    assert side["sha256"] == selact.train.file_sha256(tmp_path / "model.safetensors")
+    loaded, _ = load_model(_net(), tmp_path / "model.safetensors")
+    for a, b in zip(loaded.state_dict().values(), result.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temporary file
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
+    task = create_task("toy")
+    straight = fit(task, _net(), CONFIG, run_dir=tmp_path / "a", progress=False)
+
+    def interrupt(epoch, record):
+        if epoch == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        fit(task, _net(), CONFIG, run_dir=tmp_path / "b", progress=False, on_epoch_end=interrupt)
+    assert json.loads((tmp_path / "b" / "last.json").read_text())["epoch"] == 2
+    resumed = fit(task, _net(), CONFIG, run_dir=tmp_path / "b", progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    for a, b in zip(
+        straight.model.state_dict().values(), resumed.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="another config"):
+        fit(task, _net(), CONFIG.replace(lr=0.2), run_dir=tmp_path / "b", progress=False)
+
+
+def test_time_limit_stops_early_and_ends_the_schedule(tmp_path):
+    task = create_task("toy")
+    result = fit(
+        task, _net(), CONFIG.replace(epochs=1000, time_limit=1.0), run_dir=tmp_path,
+        progress=False,
+    )  # fmt: skip
+    assert 0 < result.info["epochs_done"] < 1000
+    assert result.history[-1]["lr"] < 0.3 * CONFIG.lr  # the decay ran (the last step is near 1)
+
+
+def test_mask_aware_finetuning_keeps_configs_and_distils(tmp_path):
+    task = create_task("toy")
+    dense = fit(task, _net(), CONFIG, progress=False).model
+    model = selact.sparsify(
+        _copy(dense), strategy="sapi", density=0.3, overrides={"2": {"density": 0.5}}
+    )
+    before = {m.layer_name: m.config for m in selact.train.selective_layers(model)}
+    seen = []
+    layer = model.get_submodule("2")
+    handle = layer.register_forward_pre_hook(lambda m, a: seen.append(m.config.density))
+    config = CONFIG.replace(epochs=2, density_schedule="linear", density_warmup=0.5, distill=0.5)
+    result = fit(task, model, config, teacher=dense, run_dir=tmp_path, progress=False)
+    handle.remove()
+    assert {m.layer_name: m.config for m in selact.train.selective_layers(model)} == before
+    assert seen[0] == pytest.approx(1.0) and min(seen) == pytest.approx(0.5)
+    assert all(a >= b - 1e-9 for a, b in zip(seen, seen[1:], strict=False))
+    reloaded, side = load_model(_net(), tmp_path / "model.safetensors")
+    assert reloaded.get_submodule("2").config.density == 0.5
+    selact.reset_stats(result.model)
+    x = task.data["test"][0][:16].float()
+    result.model(x)
+    assert selact.stats(result.model).layers["2"].density == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(ValueError, match="teacher"):
+        fit(task, _net(), CONFIG.replace(distill=0.5), progress=False)
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_selective_layers_run_under_autocast():
+    model = selact.sparsify(_net().eval(), strategy="sapw", density=0.5)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+        y.float().sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert model.get_submodule("2").weight.grad is not None
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    selact.sparsify(mha, filter_fn=lambda m, n: n == "", density=0.5, key_density=0.5)
+    t = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mha(t, t, t)[0].dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+@needs_data
+def test_ddp_with_gloo_on_two_cpu_processes(tmp_path, tmp_path_factory):
+    cache = tmp_path_factory.getbasetemp() / "selact-cache"  # shared with the other data tests
+    env = {**os.environ, "SELACT_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", "29517", "-m", "selact", "train", "--task", "cifar10",
+        "--model", "small_cnn", "--smoke", "--data", str(SHARED_DATA), "--device", "cpu",
+        "--run-dir", str(tmp_path / "run"), "--no-progress",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    side = read_sidecar(tmp_path / "run" / "model.safetensors")
+    assert side["world_size"] == 2
+    assert math.isfinite(side["metrics"]["test"]["top1"])
