@@ -52,6 +52,17 @@ def test_mask_on_wrong_device_is_refused():
         )
 
 
+def _assert_same_output(actual, expected, dtype):
+    # A deep model's bf16 outputs differ elementwise with the order of roundings (measured on an
+    # H200: 1 of 2000 vit_b_16 logits 0.065 apart, after 12 blocks), so bf16 is compared by the
+    # relative norm of the difference; float32 elementwise.
+    if dtype == torch.bfloat16:
+        error = float((actual - expected).float().norm() / expected.float().norm())
+        assert error < 1e-2, f"relative difference {error:.2e}"
+    else:
+        torch.testing.assert_close(actual, expected, rtol=TOL[dtype], atol=TOL[dtype])
+
+
 @pytest.mark.parametrize("name", ["resnet18", "vit_b_16", "swin_t"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_converted_models_on_cuda(name, dtype):
@@ -60,7 +71,7 @@ def test_converted_models_on_cuda(name, dtype):
     with torch.no_grad():
         dense = model(x)
         selact.sparsify(model, density=1.0, strategy="sapw")
-        torch.testing.assert_close(model(x), dense, rtol=TOL[dtype], atol=TOL[dtype])
+        _assert_same_output(model(x), dense, dtype)
         selact.densify(model)
         selact.sparsify(model, density=0.5, key_density=0.5, check_finite=False)
         sparse = model(x)

@@ -25,6 +25,8 @@ from selact.bench.timing import graphed, median_ms
 
 log = logging.getLogger(__name__)
 
+#: Routes that synchronise with the GPU (``nonzero``), so cannot be captured as CUDA graphs.
+SYNCING = frozenset({"gather"})
 #: Inputs (and masks) each route cycles through: a new mask per call, as in a model.
 VARIANTS = 8
 TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -122,7 +124,7 @@ def run(cases: list[KernelCase], device: str, reps: int, seed: int = 0) -> Itera
                 ok[name] = calls
         methods = dict.fromkeys(ok, "wall_clock")
         if device == "cuda":
-            ok, methods = graphed(ok)
+            ok, methods = graphed(ok, eager=SYNCING)
         times = median_ms(ok, reps, device)
         dense = times["dense"]
         for name, ms in times.items():
@@ -153,9 +155,13 @@ def _check(out, reference, dtype) -> str | None:
 def _masks(shape: tuple[int, ...], density: float, device: str) -> torch.Tensor:
     """Exactly keep_count(density, n) kept entries per row of the last dim, at random."""
     n = shape[-1]
-    scores = torch.rand(*shape, device=device)
-    keep = scores.topk(keep_count(density, n), dim=-1).indices
-    return torch.zeros(*shape, dtype=torch.bool, device=device).scatter_(-1, keep, True)
+    keep = torch.rand(*shape).topk(keep_count(density, n), dim=-1).indices
+    return torch.zeros(*shape, dtype=torch.bool).scatter_(-1, keep, True).to(device)
+
+
+def _randn(*shape: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    # Drawn on the CPU: the CUDA generator must not run while routes are captured as graphs.
+    return torch.randn(*shape).to(device, dtype)
 
 
 def _routes(case: KernelCase, device: str):
@@ -173,12 +179,12 @@ def _served(case_of: Callable[[], mgemm.Case], op: Callable, variants) -> dict:
 
 def _linear_routes(case: KernelCase, device: str):
     k, n = case.size
-    w = torch.randn(n, k, device=device, dtype=case.dtype) / math.sqrt(k)
-    b = torch.randn(n, device=device, dtype=case.dtype)
+    w = _randn(n, k, device=device, dtype=case.dtype) / math.sqrt(k)
+    b = _randn(n, device=device, dtype=case.dtype)
     shared = case.granularity == "batch_shared"
     variants = []
     for _ in range(VARIANTS):
-        x = torch.randn(case.batch, k, device=device, dtype=case.dtype)
+        x = _randn(case.batch, k, device=device, dtype=case.dtype)
         m = _masks((k,) if shared else (case.batch, k), case.density, device)
         variants.append((x, m))
     routes = {"dense": [lambda v=v: F.linear(v[0], w, b) for v in variants]}
@@ -202,11 +208,11 @@ def _gather_linear(x, w, b, mask):
 
 def _linear_out_routes(case: KernelCase, device: str):
     k, n = case.size
-    w = torch.randn(n, k, device=device, dtype=case.dtype) / math.sqrt(k)
+    w = _randn(n, k, device=device, dtype=case.dtype) / math.sqrt(k)
     tile = (32, 64)  # the Triton kernel's output tile
     variants = []
     for _ in range(VARIANTS):
-        x = torch.randn(case.batch, k, device=device, dtype=case.dtype)
+        x = _randn(case.batch, k, device=device, dtype=case.dtype)
         blocks = _masks((case.batch // tile[0], n // tile[1]), case.density, device)
         m = blocks.repeat_interleave(tile[0], 0).repeat_interleave(tile[1], 1)
         variants.append((x, m, m.to(case.dtype).to_sparse_csr()))
@@ -227,12 +233,12 @@ def _linear_out_routes(case: KernelCase, device: str):
 
 def _conv_routes(case: KernelCase, device: str):
     c_in, c_out, h, w_, kernel, stride = case.size
-    weight = torch.randn(c_out, c_in, kernel, kernel, device=device, dtype=case.dtype) * 0.05
-    bias = torch.randn(c_out, device=device, dtype=case.dtype)
+    weight = _randn(c_out, c_in, kernel, kernel, device=device, dtype=case.dtype) * 0.05
+    bias = _randn(c_out, device=device, dtype=case.dtype)
     args = (stride, kernel // 2, 1, 1)
     variants = []
     for _ in range(VARIANTS):
-        x = torch.randn(case.batch, c_in, h, w_, device=device, dtype=case.dtype)
+        x = _randn(case.batch, c_in, h, w_, device=device, dtype=case.dtype)
         m = _masks((case.batch, c_in), case.density, device).reshape(case.batch, c_in, 1, 1)
         variants.append((x, m))
     routes = {"dense": [lambda v=v: F.conv2d(v[0], weight, bias, *args) for v in variants]}

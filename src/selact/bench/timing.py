@@ -59,14 +59,18 @@ def _cuda_timer() -> Callable[[Callable[[], object]], float]:
 
 
 def graphed(
-    routes: dict[str, Sequence[Callable[[], object]]],
+    routes: dict[str, Sequence[Callable[[], object]]], eager: frozenset[str] = frozenset()
 ) -> tuple[dict[str, list[Callable[[], object]]], dict[str, str]]:
     """Each route's calls captured as CUDA graphs, so that timing them measures the GPU's work
-    and not Python's launch overhead; a route that cannot be captured (it syncs, as ``nonzero``
-    does) stays eager. Returns the new routes and, per route, ``"cuda_graph"`` or ``"eager"``."""
+    and not Python's launch overhead. Routes named in ``eager`` (they sync, as ``nonzero`` does)
+    and routes whose capture fails stay eager. Returns the new routes and, per route,
+    ``"cuda_graph"`` or ``"eager"``."""
     out: dict[str, list[Callable[[], object]]] = {}
     methods: dict[str, str] = {}
     for name, calls in routes.items():
+        if name in eager:
+            out[name], methods[name] = list(calls), "eager"
+            continue
         try:
             out[name] = [_capture(call) for call in calls]
             methods[name] = "cuda_graph"
