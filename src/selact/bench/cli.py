@@ -33,12 +33,14 @@ Reps = Annotated[
 @app.command("kernels")
 def kernels_command(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    op: Annotated[list[str] | None, typer.Option(help="Only these ops (repeatable).")] = None,
     quick: Quick = False,
     reps: Reps = None,
     out: Out = None,
 ) -> None:
     """Each MGEMM op: dense PyTorch, every backend that serves it, and the naive routes."""
     cases = (kernels.gpu_cases if device == "cuda" else kernels.cpu_cases)(quick)
+    cases = [case for case in cases if not op or case.op in op]
     rows = list(kernels.run(cases, device, reps or (10 if quick else 200)))
     _finish(rows, "kernels", quick, out)
 

@@ -66,7 +66,7 @@ def _configs(num_warps=(4,), num_stages=(3,), **choices):
 #: Candidates of the autotuning (the first is the interpreter's config), tuned on the GPU per
 #: shape at first use. The GEMV stores its rows directly (no split of K: a float32 buffer and a
 #: cast would add two kernels to a 20-40 us call); small output blocks give it parallelism.
-ROWS_CONFIGS = _configs(BLOCK_N=[64, 32, 128], BLOCK_K=[64, 128], num_stages=(3, 4))
+ROWS_CONFIGS = _configs(BLOCK_N=[64, 32, 128], BLOCK_K=[32, 64], num_warps=(4, 8))
 #: The shared-mask GEMM splits K (partial sums added into a float32 buffer) when its output tiles
 #: are too few to fill the GPU.
 SHARED_CONFIGS = _configs(BLOCK_M=[16], BLOCK_N=[64, 128], BLOCK_K=[64], SPLIT_K=[2, 1, 4])
@@ -85,7 +85,9 @@ def _rows_kernel(
     row = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # A (BLOCK_K, BLOCK_N) accumulator, reduced over K once at the end: a reduction across
+    # threads in every step would cost more than the loads it waits for.
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
@@ -98,10 +100,11 @@ def _rows_kernel(
             mask=keep[:, None] & n_ok[None, :],
             other=0.0,
         )
-        acc += tl.sum(xv.to(tl.float32)[:, None] * w.to(tl.float32), axis=0)
+        acc += xv.to(tl.float32)[:, None] * w.to(tl.float32)
+    out = tl.sum(acc, axis=0)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+        out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @_tuned(SHARED_CONFIGS, key=["R", "K", "N"])
