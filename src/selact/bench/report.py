@@ -35,13 +35,16 @@ def _cpu_model() -> str:
 
 
 def context() -> dict:
-    """What every row carries: machine, versions, commit and date."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    """What every row carries: machine, versions, commit and date. ``SELACT_COMMIT`` names the
+    commit where the checkout has no git history (a copy sent to a GPU machine)."""
+    commit = os.environ.get("SELACT_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     versions = f"torch {torch.__version__}, python {platform.python_version()}"
     return {
         "machine": machine(),
@@ -113,7 +116,8 @@ def _plot(rows: list[dict], path: Path) -> None:
                 points = sorted(
                     (m["density"], m["ratio_to_dense"]) for m in members if m["backend"] == backend
                 )
-                ax.plot(*zip(*points, strict=True), marker="o", label=f"{backend} ({key[2]})")
+                label = f"{backend} ({key[2]}, {key[3]})"
+                ax.plot(*zip(*points, strict=True), marker="o", label=label)
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal: density x dense")
         ax.axhline(1.0, color="grey", lw=1)
         ax.set(
