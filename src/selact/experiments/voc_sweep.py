@@ -82,13 +82,14 @@ class SweepConfig:
     grad_clip: float | None = 10.0  # FCOS's losses spike early in training from scratch
     eval_every: int = 6  # evaluate val every this many epochs during training
     # the sweep
-    targets: tuple[float, ...] = (0.5, 0.35, 0.25)  # densities of the no-fine-tuning grid
+    targets: tuple[float, ...] = (0.5, 0.35, 0.3, 0.25)  # densities without fine-tuning
     granularity: str = "element"
     finetune_epochs: int = 1
     finetune_lr: float = 2e-4  # AdamW, cosine to zero after 5 % warmup
     finetune: tuple[tuple[str, str, float], ...] = (
         ("sapi", "all", 0.25),
         ("sapw", "all", 0.25),
+        ("sapi", "all", 0.3),
     )  # (strategy, layer group, density) cases that get mask-aware fine-tuning
     dense_control: bool = True  # also fine-tune the dense model as long (the control)
     train_limit: int | None = None  # first N train images (smoke)
