@@ -135,8 +135,9 @@ def test_smoke_never_writes_results(tmp_path):
 def test_plan_puts_the_claims_first():
     rec = recipe("resnet20")
     jobs = plan(rec, (0, 1, 2))
-    assert jobs[2].strategy == "sapi" and jobs[2].target == pytest.approx(1 / 3)
-    assert jobs[3].strategy == "dense"  # the control
+    assert jobs[1].strategy == "sapi" and jobs[1].target == pytest.approx(1 / 3)
+    assert jobs[2].strategy == "dense"  # the control
+    assert [(j.strategy, j.seed) for j in jobs[3:5]] == [("sapi", 1), ("sapi", 2)]
     seeds = [j.seed for j in jobs if getattr(j, "target", None) == rec.frontier
              and j.strategy == "sapi" and j.allocation == "global"]  # fmt: skip
     assert sorted(seeds) == [0, 1, 2]

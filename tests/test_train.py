@@ -124,6 +124,7 @@ def test_fit_learns_and_writes_checkpoints(tmp_path):
     assert len(result.history) == 4 and "val" in result.history[-1]
     side = read_sidecar(tmp_path / "model.safetensors")
     assert side["config"]["epochs"] == 4 and side["seed"] == 0 and side["ema"]
+    assert "ema_chosen" in side and all(p.requires_grad for p in result.model.parameters())
     assert side["metrics"]["test"]["top1"] == result.metrics["test"]["top1"]
     assert side["sha256"] == selact.train.file_sha256(tmp_path / "model.safetensors")
     loaded, _ = load_model(_net(), tmp_path / "model.safetensors")
@@ -214,6 +215,14 @@ def test_selective_layers_run_under_autocast():
         assert mha(t, t, t)[0].dtype == torch.bfloat16
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 @needs_data
 def test_ddp_with_gloo_on_two_cpu_processes(tmp_path, tmp_path_factory):
@@ -222,7 +231,7 @@ def test_ddp_with_gloo_on_two_cpu_processes(tmp_path, tmp_path_factory):
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", "29517", "-m", "selact", "train", "--task", "cifar10",
+        "--master_port", str(_free_port()), "-m", "selact", "train", "--task", "cifar10",
         "--model", "small_cnn", "--smoke", "--data", str(SHARED_DATA), "--device", "cpu",
         "--run-dir", str(tmp_path / "run"), "--no-progress",
     ]  # fmt: skip

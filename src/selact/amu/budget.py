@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -184,8 +185,10 @@ def budget_search(
     *,
     sensitivity: Sensitivity | None = None,
     mac_step: float = 0.01,
+    max_steps: int | None = None,
     max_density_step: float = 0.25,
     min_density: float = 0.02,
+    deadline: float | None = None,
 ) -> list[BudgetResult]:
     """Greedy per-layer densities meeting each executed/dense MAC target (see the module doc).
 
@@ -197,12 +200,17 @@ def budget_search(
         targets: executed/dense MAC fractions of the whole model (layers left dense count).
         sensitivity: ``f(outputs, dense_outputs) -> 0-dim tensor``; default mean squared error.
         mac_step: each step aims to save this fraction of the model's dense MACs.
+        max_steps: if given, the step grows so that the search reaches the lowest target in
+            about this many steps from where it starts (each step costs one pass over the
+            batches per selective layer).
         max_density_step: the most one step may lower a layer's density.
         min_density: no layer goes below this density.
+        deadline: a :func:`time.monotonic` time after which the search stops.
 
     Returns:
         One :class:`BudgetResult` per target, in the order given. A target that cannot be met
-        (every layer at ``min_density``) gets the lowest allocation reached, and a warning.
+        (every layer at ``min_density``, or the deadline passed) gets the lowest allocation
+        reached, whose ``executed_fraction`` is then above the target, and a warning.
     """
     targets_list = [float(targets)] if isinstance(targets, int | float) else list(targets)
     if not targets_list or not all(0.0 < t <= 1.0 for t in targets_list):
@@ -211,6 +219,8 @@ def budget_search(
     model.eval()
     probe, densities, executed, distance = _prepare(model, batches, sensitivity)
     model_dense = probe.model_dense_macs
+    if max_steps:
+        mac_step = max(mac_step, (executed - min(targets_list)) / max_steps)
     results: dict[float, BudgetResult] = {}
 
     def record(t: float) -> None:
@@ -224,6 +234,11 @@ def budget_search(
             while pending and executed <= pending[0] + 1e-9:
                 record(pending.pop(0))
             if not pending:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                for t in pending:
+                    log.warning("budget search: deadline passed before target %.4f", t)
+                    record(t)
                 break
             best, moves = None, {}
             for name in probe.layers:
@@ -262,13 +277,15 @@ def uniform_search(
     sensitivity: Sensitivity | None = None,
     iterations: int = 8,
     min_density: float = 0.01,
+    deadline: float | None = None,
 ) -> list[BudgetResult]:
     """For each target, the one density for all selective layers whose executed/dense MAC
     fraction on ``batches`` is the largest not above the target (bisection to a bracket of
     ``2 ** -iterations``).
 
     Arguments as in :func:`budget_search`. Executed MACs fall as the density falls (top-k keeps
-    a superset at a higher density), so the bisection is well posed.
+    a superset at a higher density), so the bisection is well posed. Targets not reached before
+    ``deadline`` are left out of the result.
     """
     targets_list = [float(targets)] if isinstance(targets, int | float) else list(targets)
     probe = _Probe(model, batches, sensitivity or _mse)
@@ -286,6 +303,9 @@ def uniform_search(
             return cache[d]
 
         for t in targets_list:
+            if deadline is not None and time.monotonic() > deadline:
+                log.warning("uniform search: deadline passed before target %.4f", t)
+                continue
             # The bracket [lo, hi]: executed(lo) <= t is assumed, executed(hi) may exceed t;
             # densities measured for earlier targets narrow it.
             lo = max([min_density] + [d for d, (e, _) in cache.items() if e <= t])

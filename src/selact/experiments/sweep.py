@@ -139,14 +139,14 @@ def plan(rec: Recipe, seeds: tuple[int, ...], scale: str = "full") -> list[Eval 
         ]
     jobs: list[Eval | Finetune] = [
         Eval(s, "element", "global"),
-        Eval(s, "element", "uniform"),
         Finetune(s, "element", "global", f, first),
         Finetune("dense", None, None, None, first),
+        *(Finetune(s, "element", "global", f, seed) for seed in rest),
         Eval(o, "element", "global"),
         Finetune(o, "element", "global", f, first),
         Eval("random", "element", "uniform"),
         Finetune("random", "element", "uniform", f, first),
-        *(Finetune(s, "element", "global", f, seed) for seed in rest),
+        Eval(s, "element", "uniform"),
         Eval(s, c, "uniform"),
         Eval(o, "element", "uniform"),
         Eval(s, c, "global"),
@@ -219,6 +219,10 @@ class _Clock:
         if self.budget is None:
             return float("inf")
         return self.budget - (time.monotonic() - self.start)
+
+    def deadline(self, margin: float) -> float | None:
+        """The :func:`time.monotonic` time ``margin`` seconds before the budget ends."""
+        return None if self.budget is None else self.start + self.budget - margin
 
 
 def _device(name: str) -> str:
@@ -373,7 +377,9 @@ def run_sweep(
             **_measure(task, _counted(dense), eval_config),
         }
     )
-    zero_skip = selact.sparsify(copy.deepcopy(dense), strategy="zero_skip", check_finite=False)
+    zero_skip = selact.sparsify(
+        copy.deepcopy(dense), strategy="zero_skip", check_finite=False, backend="reference"
+    )
     add(
         {
             "strategy": "zero_skip",
@@ -402,15 +408,23 @@ def run_sweep(
             start = time.monotonic()
             with autocast(eval_config, torch.device(device)):
                 if allocation == "global":
-                    # Element search starts near the zero-skipping fraction (about 0.5 for
-                    # ReLU networks), coarser ones at 1.0.
-                    first = 1.0 if granularity != "element" else 0.6
-                    step = max(config.mac_step, (first - min(targets)) / rec.search_steps)
                     found = budget_search(
-                        model, calib, targets, sensitivity=task.sensitivity, mac_step=step
+                        model,
+                        calib,
+                        targets,
+                        sensitivity=task.sensitivity,
+                        mac_step=config.mac_step,
+                        max_steps=rec.search_steps,
+                        deadline=clock.deadline(10.0),
                     )
                 else:
-                    found = uniform_search(model, calib, targets, sensitivity=task.sensitivity)
+                    found = uniform_search(
+                        model,
+                        calib,
+                        targets,
+                        sensitivity=task.sensitivity,
+                        deadline=clock.deadline(10.0),
+                    )
             log.info("search %s: %.1f s", key, time.monotonic() - start)
             searches[key] = {r.target: r for r in found}
         return searches[key]
@@ -454,7 +468,11 @@ def run_sweep(
                 results = search(job.strategy, job.granularity, job.allocation)
                 model = _convert(dense, job.strategy, job.granularity)
                 for target in targets:
-                    result = results[target]
+                    result = results.get(target)
+                    if result is None or result.executed_fraction > target + 1e-6:
+                        continue  # not reached before the deadline
+                    if clock.left() < 5.0:
+                        break
                     apply_densities(model, result.densities)
                     torch.manual_seed(0)  # the random strategy's masks
                     add(
@@ -494,7 +512,9 @@ def _finetune(job, task, dense, rec, config, run_dir, search, budget_fields, clo
         name = f"ft-dense-s{job.seed}"
         fields = {"target_mac_fraction": 1.0, "target_density": 1.0}
     else:
-        result = search(job.strategy, job.granularity, job.allocation)[job.target]
+        result = search(job.strategy, job.granularity, job.allocation).get(job.target)
+        if result is None or result.executed_fraction > job.target + 1e-6:
+            raise RuntimeError(f"no allocation meets the target {job.target:.4f}")
         model = _convert(dense, job.strategy, job.granularity, result.densities)
         name = f"ft-{job.strategy}-{job.granularity}-{job.allocation}-{job.target:.3f}-s{job.seed}"
         fields = budget_fields(result)

@@ -13,7 +13,8 @@ What the loop provides for every task:
   then linear or cosine decay to zero, set per step from the global step (so resume needs no
   scheduler state);
 - bf16 autocast on CUDA (``amp="auto"``), channels-last, optional ``torch.compile``;
-- an EMA of the weights (``ema`` > 0), which is then what is evaluated and saved;
+- an EMA of the weights (``ema`` > 0): at the end, the EMA or the raw weights, whichever is
+  better on the validation split, is evaluated and saved;
 - a training state after every ``checkpoint_every`` epochs (``run_dir/last.safetensors``) and a
   final model checkpoint (``run_dir/model.safetensors``), both with JSON sidecars; with
   ``resume=True`` a run picks up from its last state and ends exactly as an uninterrupted run
@@ -80,7 +81,8 @@ class TrainConfig:
     warmup: float = 0.2  # fraction of the steps spent rising linearly to the peak
     warmup_start: float = 0.1  # the first step's learning rate, as a fraction of the peak
     grad_clip: float | None = None  # clip the global gradient norm to this
-    ema: float = 0.0  # EMA decay per step (0: no EMA); e.g. 0.999
+    ema: float = 0.0  # EMA decay per step (0: no EMA); e.g. 0.999. At the end the EMA or the
+    # raw weights are kept, whichever scores better on "val"
     ema_every: int = 4  # update the EMA every this many steps (with decay ** ema_every)
     amp: str = "auto"  # "auto" (bf16 on CUDA, off on the CPU), "bf16", "fp16" or "off"
     channels_last: str = "auto"  # "auto" (on CUDA), "on" or "off"
@@ -208,11 +210,9 @@ def _optimizer(model: nn.Module, config: TrainConfig, device: torch.device):
         {"params": [p for p in params if p.dim() > 1], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
     ]
-    fused = {"fused": True} if device.type == "cuda" else {}
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            groups, lr=config.lr, momentum=config.momentum, nesterov=True, **fused
-        )
+    if config.optimizer == "sgd":  # foreach (the CUDA default) is plenty for these sizes
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+    fused = {"fused": True} if device.type == "cuda" else {}  # fused AdamW: torch >= 2.0
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, config.beta2), **fused)
 
 
@@ -300,6 +300,8 @@ def fit(
     if config.distill > 0 and teacher is None:
         raise ValueError("config.distill > 0 needs a teacher model")
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: let cuDNN pick its kernels
     model.to(device)
     channels_last = config.channels_last == "on" or (
         config.channels_last == "auto" and device.type == "cuda"
@@ -467,6 +469,18 @@ def fit(
         "ema": config.ema > 0,
         **(info or {}),
     }
+    if is_main and ema is not None and "val" in task.splits and len(history):
+        # Keep the EMA or the raw weights, whichever is better on val (never on test).
+        pm = task.primary_metric
+        raw = evaluate(task, model, "val", config)[pm]
+        avg = evaluate(task, ema.module, "val", config)[pm]
+        better = avg >= raw if task.higher_is_better else avg <= raw
+        eval_model = ema.module if better else model
+        final_info["ema_chosen"] = better
+        final_info["val_raw_vs_ema"] = [raw, avg]
+    if ema is not None:
+        for param in ema.module.parameters():  # a model like any other from here on
+            param.requires_grad_(True)
     if is_main:
         for split in splits:
             metrics[split] = evaluate(task, eval_model, split, config)
