@@ -69,3 +69,18 @@ def test_counting_off_records_nothing():
         model(torch.randn(1, 3, 32, 32))
     report = selact.stats(model)
     assert all(s.calls == 0 for s in report.layers.values() if s.converted)
+
+
+def test_unconverted_multihead_attention_is_counted_whole():
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    model = selact.sparsify(torch.nn.Sequential(mha), filter_fn=lambda m, n: False)
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        model[0](x, x, x)
+    report = selact.stats(model)
+    assert list(report.layers) == ["0"]  # out_proj is not listed on its own
+    rows = 2 * 5
+    assert report.total.dense_macs == 3 * rows * 8 * 8 + rows * 8 * 8
+    assert report.total.executed_macs == report.total.dense_macs
+    selact.densify(model)
+    assert selact.stats(model).layers == {}

@@ -13,25 +13,56 @@ _ATTR = "_selact_dense_count"
 
 
 def attach(module: nn.Module) -> None:
-    """Count ``module`` (a dense Conv2d or Linear) as executing all its MACs."""
-    if not isinstance(module, nn.Conv2d | nn.Linear) or hasattr(module, _ATTR):
+    """Count ``module`` (a dense Conv2d, Linear or MultiheadAttention) as executing all its MACs.
+
+    A MultiheadAttention is counted whole (its in- and out-projections): its fused forward reads
+    ``out_proj.weight`` without calling ``out_proj``, so that Linear is not counted on its own.
+    """
+    if hasattr(module, _ATTR):
         return
-    counter = Counter()
-    handle = module.register_forward_hook(
-        _count_conv if isinstance(module, nn.Conv2d) else _count_linear
-    )
-    setattr(module, _ATTR, (counter, handle))
+    if isinstance(module, nn.MultiheadAttention):
+        hook = _count_attention
+        detach(module.out_proj)
+        module.out_proj.__dict__[_ATTR] = None  # counted by the attention module
+    elif isinstance(module, nn.Conv2d):
+        hook = _count_conv
+    elif isinstance(module, nn.Linear):
+        hook = _count_linear
+    else:
+        return
+    setattr(module, _ATTR, (Counter(), module.register_forward_hook(hook)))
 
 
 def detach(module: nn.Module) -> None:
     entry = module.__dict__.pop(_ATTR, None)
     if entry is not None:
         entry[1].remove()
+    if isinstance(module, nn.MultiheadAttention):
+        module.out_proj.__dict__.pop(_ATTR, None)
 
 
 def dense_counter(module: nn.Module) -> Counter | None:
     entry = module.__dict__.get(_ATTR)
     return None if entry is None else entry[0]
+
+
+@torch.no_grad()
+def _count_attention(module: nn.MultiheadAttention, args, output) -> None:
+    query, key, value = args[:3]
+    e = module.embed_dim
+    inputs = (query, key, value)
+    dense = sum(dense_linear_macs(t.shape, e) for t in inputs)
+    zero_skip = sum(linear_macs(t != 0, None, e) for t in inputs)
+    out_proj = dense_linear_macs(query.shape, e)  # its input is the attention output: dense
+    size = sum(t.numel() for t in inputs)
+    dense_counter(module).add(
+        query.device,
+        dense_macs=dense + out_proj,
+        zero_skip_macs=zero_skip + out_proj,
+        executed_macs=dense + out_proj,
+        kept=size,
+        inputs=size,
+    )
 
 
 @torch.no_grad()

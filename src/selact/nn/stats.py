@@ -170,4 +170,6 @@ def _counted(module: nn.Module) -> tuple[str, bool, Counter] | None:
 
 
 def _kind_of_dense(module: nn.Module) -> str:
+    if isinstance(module, nn.MultiheadAttention):
+        return "attention"
     return "conv2d" if isinstance(module, nn.Conv2d) else "linear"
