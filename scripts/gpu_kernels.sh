@@ -11,10 +11,10 @@ LOG="$OUT/kernels.log"
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  SELACT_TRITON_AUTOTUNE=0 timeout 240 python -m pytest -q -p no:cacheprovider \
+  SELACT_TRITON_AUTOTUNE=0 timeout ${TEST_SECONDS:-240} python -m pytest -q -p no:cacheprovider \
     tests/test_cuda.py tests/test_triton.py tests/test_mgemm.py tests/test_convert.py \
     tests/test_attention.py 2>&1 | tail -n 25
-  timeout 300 python -m selact bench kernels --device cuda --reps 100 --out "$OUT" 2>&1
+  timeout ${BENCH_SECONDS:-300} python -m selact bench kernels --device cuda --reps 100 --out "$OUT" 2>&1
 } >> "$LOG" 2>&1
 rm -f "$OUT"/*-kernels.png
 tail -n 3 "$LOG"
