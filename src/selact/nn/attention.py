@@ -26,29 +26,13 @@ from selact.nn.convert import register_converter
 
 
 class SelectiveProjection(SelectiveModule):
-    """A selective linear map whose weight lives in its parent (MultiheadAttention's in-projection)."""
+    """A selective linear map whose weight lives in its parent (MultiheadAttention's
+    in-projection): ``forward(x, weight, bias)``."""
 
     kind = "linear"
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.check_input(x, size=weight.shape[1])
-        mask = self.input_mask(x, weight, "linear")
-        x, weight, bias = self.autocast_operands(x, weight, bias)
-        with self.blame():
-            y, executed = mgemm.linear(
-                x,
-                weight,
-                bias,
-                in_mask=mask,
-                count=self.config.counting,
-                backend=self.config.backend,
-            )
-        if self.config.counting:
-            with torch.no_grad():
-                zero_skip = mgemm.linear_macs(x != 0, None, weight.shape[0])
-            dense = mgemm.dense_linear_macs(x.shape, weight.shape[0])
-            self.record(x, mask, dense=dense, zero_skip=zero_skip, executed=executed)
-        return y
+        return self.project(x, weight, bias)
 
 
 class SelectiveAttentionValues(SelectiveModule):

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from selact import amu
+from selact import amu, mgemm
 from selact.config import SelectiveConfig
 from selact.nn.stats import Counter
 
@@ -103,6 +103,30 @@ class SelectiveModule(Converted, nn.Module):
             return tensors
         dtype = torch.get_autocast_dtype(device)
         return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+    def project(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``x``'s selected inputs times ``weight`` (N, K), plus ``bias``: a selective linear
+        layer's work, also for weights held elsewhere (MultiheadAttention's in-projection)."""
+        self.check_input(x, size=weight.shape[1])
+        mask = self.input_mask(x, weight, "linear")
+        x, weight, bias = self.autocast_operands(x, weight, bias)
+        with self.blame():
+            y, executed = mgemm.linear(
+                x,
+                weight,
+                bias,
+                in_mask=mask,
+                count=self.config.counting,
+                backend=self.config.backend,
+            )
+        if self.config.counting:
+            with torch.no_grad():
+                zero_skip = mgemm.linear_macs(x != 0, None, weight.shape[0])
+            dense = mgemm.dense_linear_macs(x.shape, weight.shape[0])
+            self.record(x, mask, dense=dense, zero_skip=zero_skip, executed=executed)
+        return y
 
     def check_input(
         self,

@@ -30,24 +30,7 @@ class SelectiveLinear(SelectiveModule):
         self.remember(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x, size=self.in_features)
-        mask = self.input_mask(x, self.weight, "linear")
-        x, weight, bias = self.autocast_operands(x, self.weight, self.bias)
-        with self.blame():
-            y, executed = mgemm.linear(
-                x,
-                weight,
-                bias,
-                in_mask=mask,
-                count=self.config.counting,
-                backend=self.config.backend,
-            )
-        if self.config.counting:
-            with torch.no_grad():
-                zero_skip = mgemm.linear_macs(x != 0, None, self.out_features)
-            dense = mgemm.dense_linear_macs(x.shape, self.out_features)
-            self.record(x, mask, dense=dense, zero_skip=zero_skip, executed=executed)
-        return y
+        return self.project(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (
