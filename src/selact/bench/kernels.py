@@ -25,6 +25,9 @@ from selact.bench.timing import graphed, median_ms
 
 log = logging.getLogger(__name__)
 
+#: Inputs per block of ``block`` granularity cases: 16 float32 weight rows of a 128-output tile
+#: are 8 KB, contiguous in the packed layout.
+MASK_BLOCK = 16
 #: Routes that synchronise with the GPU (``nonzero``), so cannot be captured as CUDA graphs.
 SYNCING = frozenset({"gather"})
 #: Inputs (and masks) each route cycles through: a new mask per call, as in a model.
@@ -60,8 +63,9 @@ def cpu_cases(quick: bool = False) -> list[KernelCase]:
             KernelCase("conv2d", 1, (8, 8, 6, 6, 3, 1), torch.float32, "channel", 0.5),
         ]
     cases = [
-        KernelCase("linear", 1, size, torch.float32, "element", d)
+        KernelCase("linear", 1, size, torch.float32, granularity, d)
         for size in ((768, 3072), (4096, 4096))
+        for granularity in ("element", "block")
         for d in densities
     ]
     cases += [
@@ -152,11 +156,14 @@ def _check(out, reference, dtype) -> str | None:
     return None if error <= TOL[dtype] else f"max error {error:.2e} of the output's range"
 
 
-def _masks(shape: tuple[int, ...], density: float, device: str) -> torch.Tensor:
-    """Exactly keep_count(density, n) kept entries per row of the last dim, at random."""
-    n = shape[-1]
-    keep = torch.rand(*shape).topk(keep_count(density, n), dim=-1).indices
-    return torch.zeros(*shape, dtype=torch.bool).scatter_(-1, keep, True).to(device)
+def _masks(shape: tuple[int, ...], density: float, device: str, block: int = 1) -> torch.Tensor:
+    """Exactly keep_count(density, n / block) kept blocks of ``block`` consecutive entries per
+    row of the last dim, at random."""
+    *lead, n = shape
+    blocks = n // block
+    keep = torch.rand(*lead, blocks).topk(keep_count(density, blocks), dim=-1).indices
+    mask = torch.zeros(*lead, blocks, dtype=torch.bool).scatter_(-1, keep, True)
+    return mask.repeat_interleave(block, dim=-1).to(device)
 
 
 def _randn(*shape: int, device: str, dtype: torch.dtype) -> torch.Tensor:
@@ -185,7 +192,8 @@ def _linear_routes(case: KernelCase, device: str):
     variants = []
     for _ in range(VARIANTS):
         x = _randn(case.batch, k, device=device, dtype=case.dtype)
-        m = _masks((k,) if shared else (case.batch, k), case.density, device)
+        block = MASK_BLOCK if case.granularity == "block" else 1
+        m = _masks((k,) if shared else (case.batch, k), case.density, device, block)
         variants.append((x, m))
     # Every route reads its own copy of the weight (the backends their own layouts): a weight
     # shared by two routes stays in cache for both and flatters them (measured: mask-multiply at
