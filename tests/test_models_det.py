@@ -10,18 +10,9 @@ from torch import nn
 
 import selact
 from selact.models import create_model, list_models
-from selact.models.det import LAYER_GROUPS, layer_filter, sine_position_code
+from selact.models.det import LAYER_GROUPS, SMOKE_PRESET, layer_filter, sine_position_code
 
-TINY = {
-    "image_size": 64,
-    "widths": (8, 16, 32, 32),
-    "blocks": (1, 1, 1),
-    "neck_dim": 32,
-    "neck_depth": 1,
-    "neck_heads": 2,
-    "fpn_channels": 32,
-    "head_convs": 1,
-}
+TINY = SMOKE_PRESET
 
 
 def _targets(n: int) -> list[dict[str, torch.Tensor]]:

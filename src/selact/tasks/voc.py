@@ -37,7 +37,7 @@ from selact.data.voc import (
     train_transform,
 )
 from selact.metrics import VOCMeanAP, coco_map
-from selact.models.det import CPU_PRESET
+from selact.models.det import CPU_PRESET, SMOKE_PRESET
 from selact.train.task import Distill, Task, TaskOptions, register_task
 
 __all__ = ["VOC", "VOCLoader", "PRESETS"]
@@ -49,16 +49,7 @@ log = logging.getLogger(__name__)
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {"image_size": 256},
     "cpu": dict(CPU_PRESET),
-    "smoke": {
-        "image_size": 64,
-        "widths": (8, 16, 32, 32),
-        "blocks": (1, 1, 1),
-        "neck_dim": 32,
-        "neck_depth": 1,
-        "neck_heads": 2,
-        "fpn_channels": 32,
-        "head_convs": 1,
-    },
+    "smoke": dict(SMOKE_PRESET),
 }
 #: Largest evaluation batch, whatever the loop asks for: a batch of 1,000 letterboxed images and
 #: the head's outputs would take gigabytes, and detection post-processing is per image anyway.
