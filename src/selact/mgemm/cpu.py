@@ -1,12 +1,16 @@
-"""The ``cpu`` backend: a sparse-input linear kernel that reads only what the mask keeps.
+"""The ``cpu`` backend: masked linear layers and convolutions that read only what the mask keeps.
 
-A compiled kernel (csrc/sparse_linear.cpp, AVX-512 where the CPU has it) streams only the weight
-rows of the kept nonzero inputs, from a copy of the weight packed once per layer (and again when
-the weight changes). float32, inference, batches of up to :data:`MAX_ROWS` rows. It also runs
-channel-masked convolutions with small output maps (up to :data:`SMALL_MAP` positions) as an
-im2col product, where every output position shares the sample's channel mask.
+Compiled kernels (csrc/sparse_linear.cpp, AVX-512 where the CPU has it) read the weights from a
+copy packed once per layer (and again when the weight changes): one contiguous row per input, so
+a dropped input costs no memory traffic at all. float32, inference:
 
-The kernel is compiled with the machine's C++ compiler on first use (about 30 s, cached by
+- linear, up to :data:`MAX_ROWS` rows: per-row masks as a split-K GEMV per row; a batch-shared
+  mask as one GEMM over the kept rows;
+- conv2d with channel or batch-shared masks (ungrouped, up to :data:`MAX_ROWS` samples): per
+  sample an implicit GEMM over a zero-padded copy of the kept channels, any size, stride,
+  padding and dilation. Its output is in channels-last memory format.
+
+The kernels are compiled with the machine's C++ compiler on first use (about 30 s, cached by
 PyTorch in ``TORCH_EXTENSIONS_DIR``); without a compiler the backend declines every case and the
 dispatcher falls back to the reference.
 """
@@ -26,19 +30,11 @@ from selact.mgemm.weights import derived
 
 log = logging.getLogger(__name__)
 
-#: Outputs per weight tile of the kernel (SELACT_NB in the C++ source). 128 floats = 512 B per
-#: kept input: measured on a 2-core Sapphire Rapids, 4096->4096 at density 0.5, 64 gave 0.64x and
-#: 128 gave 0.61x of dense; 256 did not help.
-TILE = 128
-#: Largest batch the linear kernel takes. Each row re-reads its kept weights, so beyond a few rows
-#: one dense GEMM that reads the weight once is faster (crossover measured by `selact bench`).
+#: Largest batch the kernels take. Per-row masks re-read their kept weights row by row, so
+#: beyond a few rows one dense GEMM that reads the weight once is faster.
 MAX_ROWS = 8
-#: Output positions up to which a channel-masked convolution runs here as an im2col product. At
-#: small maps oneDNN is bound by reordering its weights every call, while the packed kernel
-#: reads only the kept weights. Measured on this machine (2 threads, batch 1, same run): at 2x2
-#: (512 channels, density 0.35) 0.66 of dense here against 1.04 gathered; at 8x8 (256 channels,
-#: density 0.5) 1.89 here against 1.10 gathered; 4x4 about even.
-SMALL_MAP = 16
+#: Packed weight rows are padded to this many floats (one AVX-512 register).
+LANES = 16
 _SOURCE = Path(__file__).parent / "csrc" / "sparse_linear.cpp"
 
 
@@ -48,7 +44,7 @@ def _build() -> str | None:
     try:
         from torch.utils import cpp_extension
 
-        flags = ["-O3", "-march=native", "-fopenmp", f"-DSELACT_NB={TILE}"]
+        flags = ["-O3", "-march=native", "-fopenmp"]
         # A build folder per source version: processes that load different versions at once
         # (an edit while tests run) never share a half-written library.
         digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()
@@ -67,27 +63,37 @@ def _build() -> str | None:
     return None
 
 
-def _sparse_linear_fake(x, mask, packed, bias, n_out):
+def _sparse_linear_fake(x, mask, packed, bias, n_out, count):
     """Shapes of the kernel's results, so that torch.compile can trace around it."""
     return x.new_empty(x.shape[0], n_out), torch.empty((), dtype=torch.long)
 
 
-def _channel_conv_fake(x, keep, packed, bias, n_out, kh, kw, sh, sw, ph, pw, dh, dw):
-    h_out, w_out = _output_size(x.shape[1:], (kh, kw), (sh, sw), (ph, pw), (dh, dw))
-    return x.new_empty(n_out, h_out, w_out), torch.empty((), dtype=torch.long)
+def _channel_conv_fake(
+    x, keep, k, norms, packed, bias, n_out, kh, kw, sh, sw, ph, pw, dh, dw, count
+):
+    h_out, w_out = _output_size(x.shape[2:], (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+    y = x.new_empty(x.shape[0], n_out, h_out, w_out, memory_format=torch.channels_last)
+    keep = x.new_empty(x.shape[:2], dtype=torch.bool) if keep is None else keep
+    return y, keep, torch.empty((), dtype=torch.long)
 
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``W`` as the kernel reads it: (T, K, TILE) with ``[t, k, c] = W[t·TILE + c, k]``."""
-    return derived(weight, "cpu-tiles", _pack)
+    """``W`` as the kernels read it: (K, Np), row ``k`` the weights that input ``k`` feeds
+    (for a convolution ``k = c·kh·kw + tap``), the N outputs zero-padded to a multiple of 16."""
+    return derived(weight, "cpu-rows", _pack)
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
-    n, k = weight.shape
-    tiles = math.ceil(n / TILE)
-    padded = weight.new_zeros(tiles * TILE, k)
-    padded[:n] = weight
-    return padded.reshape(tiles, TILE, k).transpose(1, 2).contiguous()
+    n = weight.shape[0]
+    w = weight.reshape(n, -1)
+    k, n_padded = w.shape[1], -(-n // LANES) * LANES
+    # The first row on a page boundary: rows of whole pages (N a multiple of 1024) are then
+    # skipped without the hardware prefetcher touching a byte of them.
+    buffer = torch.zeros(k * n_padded + 1024, dtype=weight.dtype)
+    start = (-buffer.data_ptr() % 4096) // buffer.element_size()
+    packed = buffer[start : start + k * n_padded].view(k, n_padded)
+    packed[:, :n] = w.t()
+    return packed
 
 
 def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True):
@@ -97,28 +103,46 @@ def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True):
     if in_mask is not None:
         mask = in_mask if in_mask.dim() == 1 else in_mask.expand(x.shape).reshape(-1, k)
         mask = mask.contiguous()
-    y, macs = torch.ops.selact_cpu.sparse_linear(rows, mask, packed_weight(weight), bias, n)
+    y, macs = torch.ops.selact_cpu.sparse_linear(rows, mask, packed_weight(weight), bias, n, count)
     return y.reshape(*x.shape[:-1], n), macs if count else None
 
 
 def conv2d(
     x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, in_mask=None, count=True
 ):
-    """A channel-masked convolution on a small output map, as an im2col product on the kernel."""
-    b, c = x.shape[:2]
+    """A channel-masked convolution as an implicit GEMM over the kept channels (channels-last
+    output)."""
+    keep = in_mask.reshape(in_mask.shape[0], -1)
+    if keep.shape[1] != x.shape[1]:  # a (B, 1, 1, 1) mask keeps or drops whole samples
+        keep = keep.expand(keep.shape[0], x.shape[1])
+    y, _, macs = _channel_conv(
+        x, keep.contiguous(), 0, None, weight, bias, stride, padding, dilation, count
+    )
+    return y, macs if count else None
+
+
+def select_conv2d(x, weight, bias, stride, padding, dilation, *, keep, norms=None, count=True):
+    """The AMU's channel top-k and the convolution over the kept channels, in one kernel call:
+    per sample of ``x`` the ``keep`` channels of largest mean ``|x|`` (SAPI), times ``norms``
+    (C,) for SAPW; ties go to the lower channel. The selection of :func:`selact.amu.mask` with
+    channel granularity and a top-k budget. Returns (y, keep (B, C) bool, MACs or None)."""
+    y, kept, macs = _channel_conv(
+        x, None, keep, norms, weight, bias, stride, padding, dilation, count
+    )
+    return y, kept, macs if count else None
+
+
+def _channel_conv(x, keep, k, norms, weight, bias, stride, padding, dilation, count):
     c_out, _, kh, kw = weight.shape
-    packed = derived(weight, "cpu-conv-tiles", lambda w: _pack(w.reshape(c_out, -1)))
-    keep = in_mask.expand(in_mask.shape[0], c, 1, 1).reshape(in_mask.shape[0], c).contiguous()
-    geometry = (kh, kw, *_pair(stride), *_pair(padding), *_pair(dilation))
-    x = x.contiguous()
-    results = [
-        torch.ops.selact_cpu.channel_conv(
-            x[i], keep[i % keep.shape[0]], packed, bias, c_out, *geometry
-        )
-        for i in range(b)
-    ]
-    y = torch.stack([r[0] for r in results])
-    return y, sum(r[1] for r in results) if count else None
+    return torch.ops.selact_cpu.channel_conv.default(
+        x, keep, k, norms, packed_weight(weight), bias, c_out, kh, kw,
+        *_pair(stride), *_pair(padding), *_pair(dilation), count,
+    )  # fmt: skip
+
+
+def available() -> bool:
+    """Whether the kernels are built (or can be): the backend serves nothing otherwise."""
+    return _build() is None
 
 
 def _output_size(size, kernel, stride, padding, dilation) -> tuple[int, int]:
@@ -142,18 +166,14 @@ def _check(case: Case) -> str | None:
 
 
 def _check_conv(case: Case) -> str | None:
-    mask, (h, w) = case.shapes["in_mask"], case.shapes["x"][2:]
+    mask = case.shapes["in_mask"]
     stride, padding, dilation, groups = case.shapes["params"]
     if groups != (1,) or isinstance(padding, str):
         return "it takes ungrouped convolutions with numeric padding"
     if mask is None or len(mask) != 4 or mask[2:] != (1, 1):
         return "it takes channel or batch-shared masks only"
-    if mask[0] > MAX_ROWS:
-        return f"{mask[0]} per-sample masks exceed its {MAX_ROWS}-sample limit"
-    kh, kw = case.shapes["weight"][2:]
-    h_out, w_out = _output_size((h, w), (kh, kw), stride, padding, dilation)
-    if h_out * w_out > SMALL_MAP:
-        return f"{h_out}x{w_out} outputs: the gather backend is faster above {SMALL_MAP}"
+    if case.shapes["x"][0] > MAX_ROWS:
+        return f"{case.shapes['x'][0]} samples exceed its {MAX_ROWS}-sample limit"
     return _build()
 
 

@@ -9,9 +9,9 @@ gathers pass gradients back to the kept channels and weights); any device and fl
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from selact.mgemm.counting import conv2d_macs
+from selact.mgemm.reference import dense_conv2d
 from selact.mgemm.registry import Backend, Case, register_backend
 
 #: Largest batch with per-sample masks: each sample is a separate convolution call.
@@ -23,7 +23,7 @@ def conv2d(
 ):
     args = (stride, padding, dilation, groups)
     if in_mask is None:
-        y = F.conv2d(x, weight, bias, *args)
+        y = dense_conv2d(x, weight, bias, *args)
     else:
         keep = in_mask.expand(in_mask.shape[0], x.shape[1], 1, 1).reshape(in_mask.shape[0], -1)
         if keep.shape[0] == 1:  # batch-shared: one gather for the whole batch
@@ -44,8 +44,8 @@ def conv2d(
 def _gathered_conv(x, weight, bias, keep, args):
     index = keep.nonzero().squeeze(1)
     if index.numel() == 0:  # nothing kept: a one-channel zero convolution gives the bias alone
-        return F.conv2d(x[:, :1] * 0, weight[:, :1] * 0, bias, *args)
-    return F.conv2d(x.index_select(1, index), weight.index_select(1, index), bias, *args)
+        return dense_conv2d(x[:, :1] * 0, weight[:, :1] * 0, bias, *args)
+    return dense_conv2d(x.index_select(1, index), weight.index_select(1, index), bias, *args)
 
 
 def _check(case: Case) -> str | None:

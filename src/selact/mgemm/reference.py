@@ -32,11 +32,36 @@ def conv2d(
 ):
     """``Y = conv(M ⊙ X, W) + b``."""
     kept_x = _apply_mask(x, in_mask)
-    y = F.conv2d(kept_x, weight, bias, stride, padding, dilation, groups)
+    y = dense_conv2d(kept_x, weight, bias, stride, padding, dilation, groups)
     if not count:
         return y, None
     with torch.no_grad():
         return y, conv2d_macs(kept_x != 0, weight.shape, stride, padding, dilation, groups)
+
+
+def dense_conv2d(x, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
+    """``F.conv2d``, except where it is known to be wrong: on CPUs with AMX, oneDNN's bfloat16
+    convolution gives wrong outputs when the output width is 1 and the width stride above 1
+    (pytorch/pytorch#169688, oneDNN 3.12 in torch 2.14; found here by hypothesis, errors larger
+    than the outputs). Those cases run in float32 and round once."""
+    if (
+        x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and _degenerate_strided_width(x.shape[-1], weight.shape[-1], stride, padding, dilation)
+    ):
+        y = F.conv2d(
+            x.float(), weight.float(), None if bias is None else bias.float(),
+            stride, padding, dilation, groups,
+        )  # fmt: skip
+        return y.to(x.dtype)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _degenerate_strided_width(width, kernel, stride, padding, dilation) -> bool:
+    if isinstance(padding, str):
+        return False
+    s, p, d = (v if isinstance(v, int) else v[-1] for v in (stride, padding, dilation))
+    return s > 1 and (width + 2 * p - d * (kernel - 1) - 1) // s + 1 == 1
 
 
 def attention_values(probs, v, *, key_mask=None, renormalize=True, count=True):

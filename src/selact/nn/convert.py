@@ -128,7 +128,7 @@ def sparsify(
     for name, module in model.named_modules():
         if isinstance(module, SelectiveModule):
             module.layer_name = name
-        else:
+        elif config.counting:  # hooks cost time in every call: none when nothing is counted
             dense_count.attach(module)
     return model
 

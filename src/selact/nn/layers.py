@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selact import mgemm
+from selact import amu, mgemm
 from selact.config import SelectiveConfig
+from selact.mgemm import cpu
+from selact.mgemm.registry import ENV_VAR
 from selact.nn.base import SelectiveModule
 
 
@@ -64,6 +68,8 @@ class SelectiveConv2d(SelectiveModule):
         self.weight = conv.weight
         self.register_parameter("bias", conv.bias)
         self.remember(conv)
+        self._fused_for: SelectiveConfig | None = None
+        self._fused_keep = 0  # channels the fused route keeps per sample; 0: no fused route
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x, dims=(3, 4), size=self.in_channels, dim=-3)
@@ -74,25 +80,67 @@ class SelectiveConv2d(SelectiveModule):
         if self.padding_mode != "zeros":  # the padded border becomes real input
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        mask = self.input_mask(x, self.weight, "conv", self.groups)
         args = (self.stride, padding, self.dilation, self.groups)
-        x, weight, bias = self.autocast_operands(x, self.weight, self.bias)
-        with self.blame():
-            y, executed = mgemm.conv2d(
-                x,
-                weight,
-                bias,
-                *args,
-                in_mask=mask,
-                count=self.config.counting,
-                backend=self.config.backend,
-            )
+        if self._fused_route(x):
+            mask, y, executed = self._fused_forward(x, args)
+        else:
+            mask = self.input_mask(x, self.weight, "conv", self.groups)
+            x, weight, bias = self.autocast_operands(x, self.weight, self.bias)
+            with self.blame():
+                y, executed = mgemm.conv2d(
+                    x,
+                    weight,
+                    bias,
+                    *args,
+                    in_mask=mask,
+                    count=self.config.counting,
+                    backend=self.config.backend,
+                )
         if self.config.counting:
             with torch.no_grad():
                 zero_skip = mgemm.conv2d_macs(x != 0, self.weight.shape, *args)
             dense = mgemm.dense_conv2d_macs(self.weight.shape, y.shape)
             self.record(x, mask, dense=dense, zero_skip=zero_skip, executed=executed)
         return y.squeeze(0) if unbatched else y
+
+    def _fused_route(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the CPU kernels' fused route: the AMU's channel top-k and the
+        channel-masked convolution as two kernel calls, with none of the dispatcher's or the
+        mask's tensor ops in between (at batch 1 on small maps those cost more than the
+        convolution). The same masks and outputs as the general route."""
+        if self._fused_for is not self.config:  # what depends on the config alone, once
+            c = self._fused_for = self.config
+            fused = (
+                c.strategy in ("sapi", "sapw")
+                and c.granularity == "channel"
+                and c.budget == "topk"
+                and c.density < 1.0
+                and c.backend in (None, "cpu")
+                and self.groups == 1
+                and not isinstance(self.padding, str)
+                and cpu.available()
+            )
+            self._fused_keep = amu.keep_count(c.density, self.in_channels) if fused else 0
+        return (
+            self._fused_keep > 0
+            and self.score_sample is None
+            and x.device.type == "cpu"
+            and x.dtype == self.weight.dtype == torch.float32
+            and x.shape[0] <= cpu.MAX_ROWS
+            and os.environ.get(ENV_VAR) in (None, "", "cpu")
+            and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        )
+
+    def _fused_forward(self, x: torch.Tensor, args: tuple) -> tuple:
+        norms = None
+        if self.config.strategy == "sapw":
+            norms = self._input_norms(self.weight, "conv", 1).reshape(-1)
+        y, keep, executed = cpu.select_conv2d(
+            x, self.weight, self.bias, *args[:3], keep=self._fused_keep, norms=norms,
+            count=self.config.counting,
+        )  # fmt: skip
+        return keep.view(*keep.shape, 1, 1), y, executed
 
     def extra_repr(self) -> str:
         return (

@@ -1,255 +1,325 @@
-// selact CPU kernels: sparse-input linear layers that read only the weight rows the mask keeps.
+// selact CPU kernels: masked linear layers and channel-masked convolutions that read only the
+// weight rows the mask keeps.
 //
-// The weight is packed once per layer as W_packed[t][k][c] = W[t*NB + c][k] (NB = 64 outputs
-// per tile, N padded with zeros): for one tile of outputs, the weights of input k are 64
-// contiguous floats, and the kept inputs of a row are read in increasing k, so the kernel
-// streams through memory and the bytes it reads are proportional to the kept inputs.
-// Tiles run in parallel on ATen's thread pool (torch.set_num_threads applies).
+// Weights are packed once per layer as Wt = (K, Np): row k holds the weights that input k feeds,
+// N outputs padded with zeros to Np, a multiple of 16 (for a convolution, k = c·kh·kw + tap).
+// A kept input costs one contiguous row; a dropped one costs nothing, not even a cache line
+// fetched by the hardware prefetcher, which stops at the ends of the rows it streams through.
+//
+// Two kernels:
+//  - gemv: one row of x (batch 1, or per-row masks): y = Σ_j x[k_j] Wt[k_j]. The kept rows are
+//    split between the threads (split-K), each accumulating all N outputs in L1, then summed.
+//    Memory-bound: it streams the kept rows, 4 at a time, and prefetches the next 4.
+//  - indexed_gemm: M rows that share one list of kept inputs (a batch-shared mask, or the output
+//    positions of a convolution whose sample keeps the same channels everywhere):
+//    C[m] = Σ_j A(m, j) Wt[k_j] with A(m, j) = src[offset(m) + base[j]], so a convolution is an
+//    implicit GEMM over a zero-padded copy of its kept channels, with no im2col buffer. Blocked
+//    as a GEMM: up to 64 columns x 4-12 rows of accumulators in registers, 128 kept rows of Wt per block
+//    (32 KB, in L1) reused across all rows of C.
+// Both run on ATen's thread pool (torch.set_num_threads applies).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace {
 
-#ifndef SELACT_NB
-#define SELACT_NB 128
-#endif
-constexpr int64_t NB = SELACT_NB;  // outputs per tile
-constexpr int64_t JB = 96;  // kept inputs per block of the shared-mask path: 96 x 256 B = 24 KB of weights, in L1
+constexpr int64_t LANES = 16;  // floats per AVX-512 register; packed rows are padded to it
+constexpr int64_t NR = 64;     // columns of C per register tile (4 registers)
+constexpr int64_t KC = 128;    // kept rows of Wt per block: 128 x 64 x 4 B = 32 KB, in L1
 
-struct Rows {
-  std::vector<int32_t> index;   // kept nonzero inputs of every row, concatenated
-  std::vector<float> value;
-  std::vector<int64_t> start;   // row r owns [start[r], start[r + 1])
-};
+// ---------------------------------------------------------------------------------------------
+// gemv
 
-// Kept nonzero inputs of each row. mask: (R, K), (K,) or undefined (all kept).
-Rows compact(const float* x, const bool* mask, bool shared, int64_t R, int64_t K) {
-  Rows rows;
-  rows.start.reserve(R + 1);
-  rows.index.reserve(R * K / 2);
-  rows.value.reserve(R * K / 2);
-  rows.start.push_back(0);
-  for (int64_t r = 0; r < R; ++r) {
-    const float* xr = x + r * K;
-    const bool* mr = mask == nullptr ? nullptr : (shared ? mask : mask + r * K);
-    for (int64_t k = 0; k < K; ++k) {
-      if ((mr == nullptr || mr[k]) && xr[k] != 0.0f) {
-        rows.index.push_back(static_cast<int32_t>(k));
-        rows.value.push_back(xr[k]);
-      }
-    }
-    rows.start.push_back(static_cast<int64_t>(rows.index.size()));
-  }
-  return rows;
-}
-
-#if defined(__AVX512F__)
-// acc[0:NB] = sum_j value[j] * w[index[j]][0:NB]. Accumulators live in NB/16 registers per
-// input, two inputs in flight to hide the FMA latency; each kept weight row is read once, and
-// the row two steps ahead is prefetched (the hardware prefetcher cannot guess the gaps).
-template <int64_t W>
-inline void tile_row_t(const float* __restrict w, const int32_t* __restrict index,
-                       const float* __restrict value, int64_t count, float* __restrict acc) {
-  constexpr int R = W / 16;
-  __m512 a[R], b[R];
-  for (int i = 0; i < R; ++i) a[i] = b[i] = _mm512_setzero_ps();
+// acc[0:Np] += Σ_j value[j] · wt[row[j]][0:Np] for j < count.
+void axpy_rows(const float* __restrict wt, int64_t Np, const int64_t* __restrict row,
+               const float* __restrict value, int64_t count, float* __restrict acc) {
   int64_t j = 0;
-  for (; j + 1 < count; j += 2) {
-    const float* w0 = w + static_cast<int64_t>(index[j]) * W;
-    const float* w1 = w + static_cast<int64_t>(index[j + 1]) * W;
-    if (j + 5 < count) {
-      const char* p0 = reinterpret_cast<const char*>(w + static_cast<int64_t>(index[j + 4]) * W);
-      const char* p1 = reinterpret_cast<const char*>(w + static_cast<int64_t>(index[j + 5]) * W);
-      for (int i = 0; i < W * 4; i += 64) {
-        _mm_prefetch(p0 + i, _MM_HINT_T0);
-        _mm_prefetch(p1 + i, _MM_HINT_T0);
-      }
-    }
-    const __m512 v0 = _mm512_set1_ps(value[j]), v1 = _mm512_set1_ps(value[j + 1]);
-    for (int i = 0; i < R; ++i) {
-      a[i] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(w0 + 16 * i), a[i]);
-      b[i] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(w1 + 16 * i), b[i]);
+#if defined(__AVX512F__)
+  for (; j + 4 <= count; j += 4) {
+    const float *w0 = wt + row[j], *w1 = wt + row[j + 1], *w2 = wt + row[j + 2], *w3 = wt + row[j + 3];
+    // the next four rows, fetched into L2 while these stream (the prefetcher cannot see the gaps)
+    const int64_t n = j + 8 <= count ? j + 4 : j;
+    const char *p0 = reinterpret_cast<const char*>(wt + row[n]), *p1 = reinterpret_cast<const char*>(wt + row[n + 1]),
+               *p2 = reinterpret_cast<const char*>(wt + row[n + 2]), *p3 = reinterpret_cast<const char*>(wt + row[n + 3]);
+    const __m512 v0 = _mm512_set1_ps(value[j]), v1 = _mm512_set1_ps(value[j + 1]),
+                 v2 = _mm512_set1_ps(value[j + 2]), v3 = _mm512_set1_ps(value[j + 3]);
+    for (int64_t c = 0; c < Np; c += LANES) {
+      _mm_prefetch(p0 + 4 * c, _MM_HINT_T1);
+      _mm_prefetch(p1 + 4 * c, _MM_HINT_T1);
+      _mm_prefetch(p2 + 4 * c, _MM_HINT_T1);
+      _mm_prefetch(p3 + 4 * c, _MM_HINT_T1);
+      __m512 a = _mm512_loadu_ps(acc + c);
+      a = _mm512_fmadd_ps(v0, _mm512_loadu_ps(w0 + c), a);
+      a = _mm512_fmadd_ps(v1, _mm512_loadu_ps(w1 + c), a);
+      a = _mm512_fmadd_ps(v2, _mm512_loadu_ps(w2 + c), a);
+      a = _mm512_fmadd_ps(v3, _mm512_loadu_ps(w3 + c), a);
+      _mm512_storeu_ps(acc + c, a);
     }
   }
-  if (j < count) {
-    const float* w0 = w + static_cast<int64_t>(index[j]) * W;
-    const __m512 v0 = _mm512_set1_ps(value[j]);
-    for (int i = 0; i < R; ++i) a[i] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(w0 + 16 * i), a[i]);
-  }
-  for (int i = 0; i < R; ++i) _mm512_storeu_ps(acc + 16 * i, _mm512_add_ps(a[i], b[i]));
-}
-
-inline void tile_row(const float* __restrict w, const int32_t* __restrict index,
-                     const float* __restrict value, int64_t count, float* __restrict acc) {
-  tile_row_t<NB>(w, index, value, count, acc);
-}
-#else
-// Portable version: the compiler vectorises the inner loop.
-inline void tile_row(const float* __restrict w, const int32_t* __restrict index,
-                     const float* __restrict value, int64_t count, float* __restrict acc) {
-  for (int64_t c = 0; c < NB; ++c) acc[c] = 0.0f;
-  for (int64_t j = 0; j < count; ++j) {
-    const float* __restrict wk = w + static_cast<int64_t>(index[j]) * NB;
+#endif
+  for (; j < count; ++j) {
+    const float* __restrict w = wt + row[j];
     const float v = value[j];
 #pragma omp simd
-    for (int64_t c = 0; c < NB; ++c) acc[c] += v * wk[c];
+    for (int64_t c = 0; c < Np; ++c) acc[c] += v * w[c];
   }
 }
-#endif
 
-
-// Shared mask, several rows: acc[r][0:64] += ... for four rows at once, so each kept weight row
-// chunk is loaded once per four rows (16 accumulator registers, 4 for the weights). values is
-// [j][4]; acc is read and written back, so callers can walk the kept inputs in blocks.
-#if defined(__AVX512F__)
-inline void chunk_rows4(const float* __restrict w, const int32_t* __restrict index,
-                        const float* __restrict values, int64_t count, float* __restrict acc,
-                        int64_t acc_stride) {
-  __m512 a[4][4];
-  for (int r = 0; r < 4; ++r)
-    for (int i = 0; i < 4; ++i) a[r][i] = _mm512_loadu_ps(acc + r * acc_stride + 16 * i);
-  for (int64_t j = 0; j < count; ++j) {
-    const float* wk = w + static_cast<int64_t>(index[j]) * NB;
-    if (j + 6 < count) {  // the gaps between kept rows defeat the hardware prefetcher
-      const char* ahead = reinterpret_cast<const char*>(w + static_cast<int64_t>(index[j + 6]) * NB);
-      for (int i = 0; i < 256; i += 64) _mm_prefetch(ahead + i, _MM_HINT_T0);
+// y[0:N] = b + Σ_{k kept, x[k] != 0} x[k] · Wt[k]; returns the executed MACs.
+int64_t gemv(const float* x, const bool* mask, int64_t K, const float* wt, int64_t N, int64_t Np,
+             const float* b, float* y) {
+  std::vector<int64_t> row;
+  std::vector<float> value;
+  row.reserve(K);
+  value.reserve(K);
+  for (int64_t k = 0; k < K; ++k)
+    if ((mask == nullptr || mask[k]) && x[k] != 0.0f) {
+      row.push_back(k * Np);
+      value.push_back(x[k]);
     }
-    const __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16),
-                 w2 = _mm512_loadu_ps(wk + 32), w3 = _mm512_loadu_ps(wk + 48);
-    for (int r = 0; r < 4; ++r) {
-      const __m512 v = _mm512_set1_ps(values[j * 4 + r]);
-      a[r][0] = _mm512_fmadd_ps(v, w0, a[r][0]);
-      a[r][1] = _mm512_fmadd_ps(v, w1, a[r][1]);
-      a[r][2] = _mm512_fmadd_ps(v, w2, a[r][2]);
-      a[r][3] = _mm512_fmadd_ps(v, w3, a[r][3]);
+  const int64_t J = static_cast<int64_t>(row.size());
+  // one part per thread, but at least 32 rows per part: the sum of the parts costs Np each
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), J / 32));
+  std::vector<float> acc(static_cast<size_t>(parts * Np), 0.0f);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t j0 = J * p / parts, j1 = J * (p + 1) / parts;
+      axpy_rows(wt, Np, row.data() + j0, value.data() + j0, j1 - j0, acc.data() + p * Np);
+    }
+  });
+  for (int64_t n = 0; n < N; ++n) {
+    float s = b ? b[n] : 0.0f;
+    for (int64_t p = 0; p < parts; ++p) s += acc[p * Np + n];
+    y[n] = s;
+  }
+  return J * N;
+}
+
+// ---------------------------------------------------------------------------------------------
+// indexed_gemm
+
+// The rows of C come in lines of `line` rows (a convolution's output rows); row m = (l, i) reads
+// A(m, j) = src[l · line_stride + i · step + base[j]].
+struct Gemm {
+  const float* src;
+  int64_t line, line_stride, step;
+  const int64_t* base;    // (J,)
+  const int64_t* row;     // (J,) offsets of the kept rows in wt: k_j · Np
+  const float* wt;        // (K, Np)
+  const float* bias;      // (N,) or null
+  float* c;               // (M, N), row-major
+  int64_t M, N, J;
+};
+
+#if defined(__AVX512F__)
+// C[m0 : m0 + P, n0 : n0 + 16·Q] (+)= Σ_{j in [j0, j1)} A(m, j) · Wt[k_j][n0 : ...] for P rows
+// of one line, whose A entries are `step` apart (UNIT: step 1, addresses known at compile time).
+// The last register of the tile writes only the columns in `tail`. `first`: start from the bias.
+template <int P, int Q, bool UNIT>
+void tile(const Gemm& g, const float* a0, int64_t m0, int64_t n0, int64_t j0, int64_t j1, bool first,
+          __mmask16 tail) {
+  __m512 acc[P][Q];
+  for (int q = 0; q < Q; ++q) {
+    const __mmask16 lanes = q == Q - 1 ? tail : __mmask16(0xFFFF);
+    const __m512 init = first && g.bias ? _mm512_maskz_loadu_ps(lanes, g.bias + n0 + 16 * q) : _mm512_setzero_ps();
+    for (int p = 0; p < P; ++p)
+      acc[p][q] = first ? init : _mm512_maskz_loadu_ps(lanes, g.c + (m0 + p) * g.N + n0 + 16 * q);
+  }
+  const float* w = g.wt + n0;
+  const int64_t step = g.step;
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* wj = w + g.row[j];
+    __m512 wv[Q];
+    for (int q = 0; q < Q; ++q) wv[q] = _mm512_loadu_ps(wj + 16 * q);
+    const float* a = a0 + g.base[j];
+    for (int p = 0; p < P; ++p) {
+      const __m512 v = _mm512_set1_ps(UNIT ? a[p] : *a);
+      if (!UNIT) a += step;
+      for (int q = 0; q < Q; ++q) acc[p][q] = _mm512_fmadd_ps(v, wv[q], acc[p][q]);
     }
   }
-  for (int r = 0; r < 4; ++r)
-    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc + r * acc_stride + 16 * i, a[r][i]);
+  for (int q = 0; q < Q; ++q) {
+    const __mmask16 lanes = q == Q - 1 ? tail : __mmask16(0xFFFF);
+    for (int p = 0; p < P; ++p) _mm512_mask_storeu_ps(g.c + (m0 + p) * g.N + n0 + 16 * q, lanes, acc[p][q]);
+  }
+}
+
+using TileFn = void (*)(const Gemm&, const float*, int64_t, int64_t, int64_t, int64_t, bool, __mmask16);
+// Rows per register tile for Q column registers: about 12 accumulators or more, enough to hide
+// the FMA latency, and no more than 31 registers in all.
+constexpr int64_t ROWS_FOR[5] = {0, 12, 6, 4, 4};
+
+template <int Q, bool UNIT, int... P>
+constexpr std::array<TileFn, sizeof...(P)> tiles(std::integer_sequence<int, P...>) {
+  return {tile<P + 1, Q, UNIT>...};
+}
+template <bool UNIT>
+struct Tiles {
+  static constexpr auto q1 = tiles<1, UNIT>(std::make_integer_sequence<int, 12>{});
+  static constexpr auto q2 = tiles<2, UNIT>(std::make_integer_sequence<int, 6>{});
+  static constexpr auto q3 = tiles<3, UNIT>(std::make_integer_sequence<int, 4>{});
+  static constexpr auto q4 = tiles<4, UNIT>(std::make_integer_sequence<int, 4>{});
+  static TileFn get(int64_t q, int64_t p) {
+    switch (q) {
+      case 1: return q1[p - 1];
+      case 2: return q2[p - 1];
+      case 3: return q3[p - 1];
+      default: return q4[p - 1];
+    }
+  }
+};
+
+// Rows [m0, m1) of C, columns [n0, n0 + 64), kept rows [j0, j1): register tiles that never
+// straddle two lines.
+void run_rows(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t j0, int64_t j1, bool first) {
+  const int64_t cols = std::min(NR, g.N - n0), regs = (cols + LANES - 1) / LANES;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (cols - (regs - 1) * LANES)) - 1u);
+  const int64_t most = ROWS_FOR[regs];
+  for (int64_t m = m0; m < m1;) {
+    const int64_t l = m / g.line, i = m % g.line, rows = std::min({most, m1 - m, g.line - i});
+    const float* a0 = g.src + l * g.line_stride + i * g.step;
+    const TileFn fn = g.step == 1 ? Tiles<true>::get(regs, rows) : Tiles<false>::get(regs, rows);
+    fn(g, a0, m, n0, j0, j1, first, tail);
+    m += rows;
+  }
 }
 #else
-inline void chunk_rows4(const float* __restrict w, const int32_t* __restrict index,
-                        const float* __restrict values, int64_t count, float* __restrict acc,
-                        int64_t acc_stride) {
-  for (int64_t j = 0; j < count; ++j) {
-    const float* __restrict wk = w + static_cast<int64_t>(index[j]) * NB;
-    for (int r = 0; r < 4; ++r) {
-      const float v = values[j * 4 + r];
+// Portable version: the same blocking, the compiler vectorises the column loop.
+void run_rows(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t j0, int64_t j1, bool first) {
+  const int64_t cols = std::min(NR, g.N - n0);
+  for (int64_t m = m0; m < m1; ++m) {
+    float* cp = g.c + m * g.N + n0;
+    if (first)
+      for (int64_t n = 0; n < cols; ++n) cp[n] = g.bias ? g.bias[n0 + n] : 0.0f;
+    const float* s = g.src + (m / g.line) * g.line_stride + (m % g.line) * g.step;
+    for (int64_t j = j0; j < j1; ++j) {
+      const float a = s[g.base[j]];
+      const float* __restrict w = g.wt + g.row[j] + n0;
 #pragma omp simd
-      for (int c = 0; c < 64; ++c) acc[r * acc_stride + c] += v * wk[c];
+      for (int64_t n = 0; n < cols; ++n) cp[n] += a * w[n];
     }
   }
 }
 #endif
 
-}  // namespace
-
-// The shared-mask product: y[r][n] = sum_j values[r][j] * W[n][index[j]] + b[n] for R rows that
-// share one list of kept inputs. Rows go through the kernel four at a time (values is laid out
-// [row block][j][4], zero-padded), and the kept inputs in blocks of JB whose weights stay in L1
-// across the row blocks. Output element (r, n) is written at out[r * row_stride + n * col_stride].
-void shared_product(const std::vector<int32_t>& index, const std::vector<float>& values, int64_t R,
-                    const float* w, const float* b, int64_t K, int64_t T, int64_t n_out, float* out,
-                    int64_t row_stride, int64_t col_stride) {
-  const int64_t J = static_cast<int64_t>(index.size()), blocks = (R + 3) / 4;
-  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> acc(static_cast<size_t>(blocks * 4 * NB));  // every row of one tile
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * NB, width = std::min(NB, n_out - n0);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t c0 = 0; c0 < NB; c0 += 64)
-        for (int64_t j0 = 0; j0 < J; j0 += JB)
-          for (int64_t block = 0; block < blocks; ++block)
-            chunk_rows4(w + t * K * NB + c0, index.data() + j0, values.data() + block * J * 4 + j0 * 4,
-                        std::min(JB, J - j0), acc.data() + block * 4 * NB + c0, NB);
-      for (int64_t r = 0; r < R; ++r) {
-        const float* ar = acc.data() + r * NB;
-        for (int64_t c = 0; c < width; ++c)
-          out[r * row_stride + (n0 + c) * col_stride] = ar[c] + (b ? b[n0 + c] : 0.0f);
-      }
+// C = A · Wt[kept] + bias. Threads split the columns first (each reads its part of every kept
+// row), then the rows of C (each reads all of its columns' kept rows, from L2).
+void indexed_gemm(const Gemm& g) {
+  const int64_t threads = at::get_num_threads(), n_blocks = (g.N + NR - 1) / NR;
+  const int64_t n_parts = std::min(threads, n_blocks);
+  const int64_t m_parts = std::max<int64_t>(1, std::min(threads / n_parts, g.M / 16));
+  at::parallel_for(0, n_parts * m_parts, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t np = i / m_parts, mp = i % m_parts;
+      const int64_t b0 = n_blocks * np / n_parts, b1 = n_blocks * (np + 1) / n_parts;
+      const int64_t m0 = g.M * mp / m_parts, m1 = g.M * (mp + 1) / m_parts;
+      if (g.J == 0)
+        for (int64_t b = b0; b < b1; ++b) run_rows(g, m0, m1, b * NR, 0, 0, true);
+      for (int64_t j0 = 0; j0 < g.J; j0 += KC)
+        for (int64_t b = b0; b < b1; ++b) run_rows(g, m0, m1, b * NR, j0, std::min(g.J, j0 + KC), j0 == 0);
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> shared_rows(const float* x, const bool* m, const float* w, const float* b,
-                                               int64_t R, int64_t K, int64_t T, int64_t n_out,
-                                               const at::TensorOptions& options) {
-  std::vector<int32_t> index;
-  for (int64_t k = 0; k < K; ++k)
-    if (m[k]) index.push_back(static_cast<int32_t>(k));
-  const int64_t J = static_cast<int64_t>(index.size());
-  std::vector<float> values(static_cast<size_t>((R + 3) / 4 * J * 4), 0.0f);
-  int64_t nonzero = 0;
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t j = 0; j < J; ++j) {
-      const float v = x[r * K + index[j]];
-      values[(r / 4) * J * 4 + j * 4 + r % 4] = v;
-      nonzero += v != 0.0f;
-    }
-  at::Tensor y = at::empty({R, n_out}, options);
-  shared_product(index, values, R, w, b, K, T, n_out, y.data_ptr<float>(), n_out, 1);
-  return {y, at::scalar_tensor(nonzero * n_out, at::kLong)};
+// ---------------------------------------------------------------------------------------------
+// ops
+
+void check_packed(const at::Tensor& packed, int64_t K, int64_t n_out) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kFloat && packed.is_contiguous(),
+              "packed weight: contiguous (K, Np) float32");
+  TORCH_CHECK(packed.size(0) == K && packed.size(1) % LANES == 0 && packed.size(1) >= n_out &&
+                  packed.size(1) < n_out + LANES,
+              "packed weight ", packed.sizes(), " does not match K = ", K, ", N = ", n_out);
 }
 
-// A convolution of one sample whose kept input channels are `keep`, as the shared-mask product
-// of its im2col rows (one per output position) and the packed (C_out, C_in·kh·kw) weight; the
-// im2col entries of dropped channels are never formed. Returns (y (C_out, H_out, W_out), MACs).
-std::tuple<at::Tensor, at::Tensor> channel_conv(const at::Tensor& x, const at::Tensor& keep, const at::Tensor& packed,
-                                                const c10::optional<at::Tensor>& bias, int64_t n_out, int64_t kh,
-                                                int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
-                                                int64_t dw) {
-  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous (C, H, W) float32");
-  TORCH_CHECK(keep.scalar_type() == at::kBool && keep.is_contiguous() && keep.numel() == x.size(0), "keep: (C,) bool");
-  const int64_t C = x.size(0), H = x.size(1), W = x.size(2), T = packed.size(0), K = C * kh * kw;
-  TORCH_CHECK(packed.dim() == 3 && packed.size(1) == K && packed.size(2) == NB && T * NB >= n_out, "packed weight");
-  const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
-  const int64_t R = Ho * Wo;
+const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t n_out) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n_out,
+              "bias: contiguous (N,) float32");
+  return bias->data_ptr<float>();
+}
+
+// The AMU's channel top-k for SAPI (norms undefined) and SAPW: per sample, the k channels of x
+// (B, C, H, W), any strides, with the largest mean |x| (times norms[c]); ties go to the lower
+// channel. Returns keep (B, C) bool: the selection of selact.amu.mask with channel granularity
+// and a top-k budget, in one pass over x.
+at::Tensor channel_topk(const at::Tensor& x, const c10::optional<at::Tensor>& norms, int64_t k) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(k >= 1 && k <= C, "k must be in [1, C]");
+  const float* np = nullptr;
+  if (norms.has_value()) {
+    TORCH_CHECK(norms->scalar_type() == at::kFloat && norms->is_contiguous() && norms->numel() == C,
+                "norms: contiguous (C,) float32");
+    np = norms->data_ptr<float>();
+  }
+  at::Tensor keep = at::zeros({B, C}, x.options().dtype(at::kBool));
   const float* xp = x.data_ptr<float>();
-  const bool* kp = keep.data_ptr<bool>();
-  std::vector<int32_t> index;
-  std::vector<int64_t> channel;
-  for (int64_t c = 0; c < C; ++c)
-    if (kp[c])
-      for (int64_t tap = 0; tap < kh * kw; ++tap) {
-        index.push_back(static_cast<int32_t>(c * kh * kw + tap));
-        channel.push_back(c);
+  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
+  std::vector<double> score(C);
+  std::vector<float> sum(C);
+  std::vector<int64_t> order(C);
+  for (int64_t s = 0; s < B; ++s) {
+    const float* xs = xp + s * s0;
+    if (s1 == 1) {  // channels-last: sum over positions, vectorised across channels
+      std::fill(sum.begin(), sum.end(), 0.0f);
+      float* __restrict acc = sum.data();
+      for (int64_t iy = 0; iy < H; ++iy)
+        for (int64_t ix = 0; ix < W; ++ix) {
+          const float* __restrict xq = xs + iy * s2 + ix * s3;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) acc[c] += std::abs(xq[c]);
+        }
+      for (int64_t c = 0; c < C; ++c) score[c] = sum[c];
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        double total = 0.0;
+        for (int64_t iy = 0; iy < H; ++iy) {
+          const float* __restrict xr = xs + c * s1 + iy * s2;
+          float row = 0.0f;
+          if (s3 == 1) {
+#pragma omp simd reduction(+ : row)
+            for (int64_t ix = 0; ix < W; ++ix) row += std::abs(xr[ix]);
+          } else {
+            for (int64_t ix = 0; ix < W; ++ix) row += std::abs(xr[ix * s3]);
+          }
+          total += row;
+        }
+        score[c] = total;
       }
-  const int64_t J = static_cast<int64_t>(index.size());
-  std::vector<float> values(static_cast<size_t>((R + 3) / 4 * J * 4), 0.0f);
-  int64_t nonzero = 0;
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t oy = r / Wo, ox = r % Wo;
-    for (int64_t j = 0; j < J; ++j) {
-      const int64_t tap = index[j] % (kh * kw), iy = oy * sh - ph + (tap / kw) * dh, ix = ox * sw - pw + (tap % kw) * dw;
-      const float v = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? xp[(channel[j] * H + iy) * W + ix] : 0.0f;
-      values[(r / 4) * J * 4 + j * 4 + r % 4] = v;
-      nonzero += v != 0.0f;
     }
+    if (np)
+      for (int64_t c = 0; c < C; ++c) score[c] *= np[c];
+    for (int64_t c = 0; c < C; ++c) order[c] = c;
+    std::nth_element(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
+      return score[a] > score[b] || (score[a] == score[b] && a < b);
+    });
+    bool* kp = keep.data_ptr<bool>() + s * C;
+    for (int64_t i = 0; i < k; ++i) kp[order[i]] = true;
   }
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n_out && bias->is_contiguous(), "bias");
-    b = bias->data_ptr<float>();
-  }
-  at::Tensor y = at::empty({n_out, Ho, Wo}, x.options());
-  shared_product(index, values, R, packed.data_ptr<float>(), b, K, T, n_out, y.data_ptr<float>(), 1, R);
-  return {y, at::scalar_tensor(nonzero * n_out, at::kLong)};
+  return keep;
 }
 
-// y = (mask ⊙ x) Wᵀ + b for x (R, K) float32; returns (y, executed MACs).
+}  // namespace
+
+// y = (mask ⊙ x) Wᵀ + b for x (R, K) float32 and mask (R, K), (K,) or none; returns (y, MACs):
+// the kept nonzero inputs times N (zero when count is false).
 std::tuple<at::Tensor, at::Tensor> sparse_linear(const at::Tensor& x, const c10::optional<at::Tensor>& mask,
                                                  const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
-                                                 int64_t n_out) {
+                                                 int64_t n_out, bool count) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous (R, K) float32");
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == NB && packed.is_contiguous(), "packed weight: (T, K, NB)");
-  const int64_t R = x.size(0), K = x.size(1), T = packed.size(0);
-  TORCH_CHECK(packed.size(1) == K && T * NB >= n_out, "packed weight does not match x");
+  const int64_t R = x.size(0), K = x.size(1);
+  check_packed(packed, K, n_out);
+  const int64_t Np = packed.size(1);
   const bool* m = nullptr;
   bool shared = false;
   if (mask.has_value()) {
@@ -258,38 +328,115 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear(const at::Tensor& x, const c10:
     TORCH_CHECK(mask->numel() == (shared ? K : R * K), "mask must be (K,) or (R, K)");
     m = mask->data_ptr<bool>();
   }
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n_out, "bias: (N,) float32");
-    b = bias->contiguous().data_ptr<float>();
-  }
-  static_assert(NB % 64 == 0, "the shared-mask kernel works in 64-output chunks");
-  if (shared && R > 1) return shared_rows(x.data_ptr<float>(), m, packed.data_ptr<float>(), b, R, K, T, n_out, x.options());
-  Rows rows = compact(x.data_ptr<float>(), m, shared, R, K);
+  const float* b = bias_data(bias, n_out);
+  const float* xp = x.data_ptr<float>();
   at::Tensor y = at::empty({R, n_out}, x.options());
-  float* out = y.data_ptr<float>();
-  const float* w = packed.data_ptr<float>();
-  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    alignas(64) float acc[NB];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * NB, width = std::min(NB, n_out - n0);
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t s = rows.start[r];
-        tile_row(w + t * K * NB, rows.index.data() + s, rows.value.data() + s, rows.start[r + 1] - s, acc);
-        float* yr = out + r * n_out + n0;
-        for (int64_t c = 0; c < width; ++c) yr[c] = acc[c] + (b ? b[n0 + c] : 0.0f);
+  float* yp = y.data_ptr<float>();
+  int64_t macs = 0;
+  if (!shared || R == 1) {
+    for (int64_t r = 0; r < R; ++r)
+      macs += gemv(xp + r * K, m == nullptr ? nullptr : (shared ? m : m + r * K), K, packed.data_ptr<float>(),
+                   n_out, Np, b, yp + r * n_out);
+  } else {
+    std::vector<int64_t> base, row;
+    for (int64_t k = 0; k < K; ++k)
+      if (m[k]) {
+        base.push_back(k);
+        row.push_back(k * Np);
       }
-    }
-  });
-  at::Tensor macs = at::scalar_tensor(static_cast<int64_t>(rows.index.size()) * n_out, at::kLong);
-  return {y, macs};
+    const int64_t J = static_cast<int64_t>(base.size());
+    indexed_gemm({xp, R, 0, K, base.data(), row.data(), packed.data_ptr<float>(), b, yp, R, n_out, J});
+    if (count)
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t j = 0; j < J; ++j) macs += (xp[r * K + base[j]] != 0.0f) * n_out;
+  }
+  return {y, at::scalar_tensor(count ? macs : 0, at::kLong)};
+}
+
+// A convolution of x (B, C, H, W), any strides, in which sample b keeps the input channels
+// keep[b] (keep: (B, C) or (1, C) bool; if undefined, the AMU's channel top-k of k channels, see
+// channel_topk): per sample an implicit GEMM over a zero-padded copy of the kept channels.
+// Returns y (B, N, Ho, Wo) in channels-last memory format, keep, and the MACs: the kept nonzero
+// inputs under each output position's receptive field, times N (zero when count is false).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv(
+    const at::Tensor& x, const c10::optional<at::Tensor>& given_keep, int64_t k, const c10::optional<at::Tensor>& norms,
+    const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t n_out, int64_t kh, int64_t kw, int64_t sh,
+    int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, bool count) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "x: (B, C, H, W) float32");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), taps = kh * kw;
+  const at::Tensor keep = given_keep.has_value() ? *given_keep : channel_topk(x, norms, k);
+  TORCH_CHECK(keep.scalar_type() == at::kBool && keep.is_contiguous() && keep.dim() == 2 && keep.size(1) == C &&
+                  (keep.size(0) == 1 || keep.size(0) == B),
+              "keep: (B, C) or (1, C) bool");
+  check_packed(packed, C * taps, n_out);
+  const int64_t Np = packed.size(1);
+  const float* b = bias_data(bias, n_out);
+  const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK(Ho > 0 && Wo > 0, "the convolution has no output position");
+  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, M = Ho * Wo;
+  at::Tensor y = at::empty({B, n_out, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  // How many (output position, tap) pairs read input row iy (col ix): the MACs of a nonzero input.
+  std::vector<int64_t> cover_y(H, 0), cover_x(W, 0);
+  for (int64_t o = 0; o < Ho; ++o)
+    for (int64_t t = 0; t < kh; ++t)
+      if (const int64_t i = o * sh - ph + t * dh; i >= 0 && i < H) ++cover_y[i];
+  for (int64_t o = 0; o < Wo; ++o)
+    for (int64_t t = 0; t < kw; ++t)
+      if (const int64_t i = o * sw - pw + t * dw; i >= 0 && i < W) ++cover_x[i];
+  const float* xp = x.data_ptr<float>();
+  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
+  const bool* kp = keep.data_ptr<bool>();
+  int64_t macs = 0;
+  std::vector<float> padded;
+  std::vector<int64_t> base, row;
+  for (int64_t s = 0; s < B; ++s) {
+    const bool* ks = kp + (keep.size(0) == 1 ? 0 : s * C);
+    std::vector<int64_t> kept;
+    for (int64_t c = 0; c < C; ++c)
+      if (ks[c]) kept.push_back(c);
+    const int64_t Ck = static_cast<int64_t>(kept.size());
+    padded.assign(static_cast<size_t>(Ck * Hp * Wp), 0.0f);
+    std::atomic<int64_t> sample_macs{0};
+    at::parallel_for(0, Ck, 1, [&](int64_t c0, int64_t c1) {
+      int64_t part = 0;
+      for (int64_t i = c0; i < c1; ++i) {
+        const float* xc = xp + s * s0 + kept[i] * s1;
+        float* pc = padded.data() + (i * Hp + ph) * Wp + pw;
+        for (int64_t iy = 0; iy < H; ++iy) {
+          int64_t nonzero = 0;
+          if (count) {
+            for (int64_t ix = 0; ix < W; ++ix) {
+              const float v = xc[iy * s2 + ix * s3];
+              pc[iy * Wp + ix] = v;
+              nonzero += (v != 0.0f) * cover_x[ix];
+            }
+          } else {
+            for (int64_t ix = 0; ix < W; ++ix) pc[iy * Wp + ix] = xc[iy * s2 + ix * s3];
+          }
+          part += nonzero * cover_y[iy];
+        }
+      }
+      sample_macs += part;
+    });
+    macs += sample_macs.load() * n_out;
+    base.clear();
+    row.clear();
+    for (int64_t i = 0; i < Ck; ++i)
+      for (int64_t t = 0; t < taps; ++t) {
+        base.push_back(i * Hp * Wp + (t / kw) * dh * Wp + (t % kw) * dw);
+        row.push_back((kept[i] * taps + t) * Np);
+      }
+    indexed_gemm({padded.data(), Wo, sh * Wp, sw, base.data(), row.data(), packed.data_ptr<float>(), b,
+                  y.data_ptr<float>() + s * M * n_out, M, n_out, static_cast<int64_t>(base.size())});
+  }
+  return {y, keep, at::scalar_tensor(count ? macs : 0, at::kLong)};
 }
 
 TORCH_LIBRARY(selact_cpu, m) {
-  m.def("sparse_linear(Tensor x, Tensor? mask, Tensor packed, Tensor? bias, int n_out) -> (Tensor, Tensor)");
+  m.def("sparse_linear(Tensor x, Tensor? mask, Tensor packed, Tensor? bias, int n_out, bool count) -> (Tensor, Tensor)");
   m.def(
-      "channel_conv(Tensor x, Tensor keep, Tensor packed, Tensor? bias, int n_out, int kh, int kw, int sh, int sw, "
-      "int ph, int pw, int dh, int dw) -> (Tensor, Tensor)");
+      "channel_conv(Tensor x, Tensor? keep, int k, Tensor? norms, Tensor packed, Tensor? bias, int n_out, int kh, "
+      "int kw, int sh, int sw, int ph, int pw, int dh, int dw, bool count) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(selact_cpu, CPU, m) {
