@@ -1,0 +1,139 @@
+"""SelectiveConv2d's fused CPU route (channel top-k and convolution in one kernel call) against
+the general route: the AMU's mask in plain PyTorch, then the reference backend."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import selact
+from selact import amu, mgemm
+from selact.mgemm import cpu
+from selact.models import create_model
+from selact.nn import SelectiveConv2d
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU kernels could not be built")
+
+
+def _layer(conv: nn.Conv2d, **fields) -> SelectiveConv2d:
+    config = selact.SelectiveConfig(granularity="channel", check_finite=False, **fields)
+    layer = SelectiveConv2d(conv, config)
+    layer.layer_name = "conv"
+    return layer
+
+
+def _input(shape, zero_channels: int, channels_last: bool, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    x = torch.randn(shape).relu()
+    x[:, :zero_channels] = 0  # ReLU maps often have dead channels: scores tie at zero
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    c_in=st.integers(1, 20),
+    c_out=st.integers(1, 70),
+    size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    kernel=st.sampled_from([1, 2, 3]),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 2),
+    dilation=st.integers(1, 2),
+    density=st.floats(0.01, 0.99),
+    strategy=st.sampled_from(["sapi", "sapw"]),
+    bias=st.booleans(),
+    channels_last=st.booleans(),
+    zero_channels=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_route_keeps_a_top_k_and_multiplies_exactly(
+    batch, c_in, c_out, size, kernel, stride, padding, dilation, density, strategy, bias,
+    channels_last, zero_channels, seed,
+):  # fmt: skip
+    h, w = size
+    if min(h, w) + 2 * padding - dilation * (kernel - 1) < 1:
+        return  # no output position
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation, bias=bias)
+    fused = _layer(conv, strategy=strategy, density=density)
+    x = _input((batch, c_in, h, w), zero_channels, channels_last, seed)
+    norms = amu.input_norms(conv.weight, "conv") if strategy == "sapw" else None
+    k = amu.keep_count(density, c_in)
+    with torch.inference_mode():
+        assert fused._fused_route(x)
+        y_layer = fused(x)
+        y, keep, executed = cpu.select_conv2d(
+            x, conv.weight, conv.bias, stride, padding, dilation, keep=k,
+            norms=None if norms is None else norms.reshape(-1),
+        )  # fmt: skip
+    assert torch.equal(y_layer, y)
+
+    # the kept channels are a top-k of the AMU's scores
+    scores = amu.pool(amu.STRATEGIES[strategy].scores(x, norms), "conv", "channel").scores
+    keep = keep.reshape(batch, c_in)
+    assert keep.sum(1).tolist() == [k] * batch
+    for b in range(batch):
+        kept, dropped = scores[b][keep[b]], scores[b][~keep[b]]
+        if dropped.numel():
+            assert kept.min() >= dropped.max() * (1 - 1e-5) - 1e-7
+    # the output and MACs are the reference's for that mask
+    mask = keep.reshape(batch, c_in, 1, 1)
+    expected, expected_macs = mgemm.conv2d(
+        x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(),
+        stride, padding, dilation, in_mask=mask, backend="reference",
+    )  # fmt: skip
+    tol = 1e-5 * math.sqrt(c_in * kernel * kernel)
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
+    assert int(executed) == int(expected_macs)
+
+
+def test_fused_route_matches_the_general_route_on_a_model():
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10).eval()
+    fused = selact.sparsify(model, strategy="sapi", density=0.35, granularity="channel")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        y_fused = fused(x)
+        fused_stats = selact.stats(fused).total
+    general = selact.densify(fused)
+    general = selact.sparsify(
+        general, strategy="sapi", density=0.35, granularity="channel", backend="reference"
+    )
+    with torch.inference_mode():
+        y_general = general(x)
+        general_stats = selact.stats(general).total
+    torch.testing.assert_close(y_fused, y_general, rtol=1e-4, atol=1e-4)
+    assert fused_stats.executed_macs == general_stats.executed_macs
+    assert fused_stats.zero_skip_macs == general_stats.zero_skip_macs
+
+
+def test_fused_route_only_where_it_serves(monkeypatch):
+    conv = nn.Conv2d(8, 4, 3, padding=1)
+    x = torch.randn(1, 8, 6, 6)
+    with torch.inference_mode():
+        assert _layer(conv, density=0.5)._fused_route(x)
+        assert not _layer(conv, density=1.0)._fused_route(x)  # nothing to select
+        assert not _layer(conv, density=0.5, backend="reference")._fused_route(x)
+        assert not _layer(conv, density=0.5, strategy="random")._fused_route(x)
+        assert not _layer(conv, density=0.5, budget="threshold")._fused_route(x)
+        assert not _layer(conv, density=0.5)._fused_route(x.double())
+        assert not _layer(conv, density=0.5)._fused_route(x.expand(9, -1, -1, -1))  # > 8 samples
+        monkeypatch.setenv("SELACT_BACKEND", "reference")
+        assert not _layer(conv, density=0.5)._fused_route(x)
+    assert not _layer(conv, density=0.5)._fused_route(x)  # training: weights require grad
+
+
+def test_fused_route_at_density_one_is_the_dense_layer():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, padding=1)
+    x = torch.randn(1, 6, 7, 7)
+    keep_all = _layer(conv, density=0.999)  # keeps ceil(0.999 · 6) = 6 channels, fused
+    with torch.inference_mode():
+        assert keep_all._fused_route(x)
+        torch.testing.assert_close(keep_all(x), F.conv2d(x, conv.weight, conv.bias, 1, 1))
