@@ -174,7 +174,7 @@ def _case(op, operands, **tensors) -> Case:
     )
     x = operands[0]
     shapes = {k: (tuple(t.shape) if isinstance(t, torch.Tensor) else t) for k, t in tensors.items()}
-    return Case(op=op, device=x.device.type, dtype=x.dtype, shapes=shapes, needs_grad=needs_grad)
+    return Case(op, x.device.type, x.dtype, shapes, needs_grad)
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:

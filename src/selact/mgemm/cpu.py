@@ -98,13 +98,19 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 
 def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True):
     n, k = weight.shape
-    rows = x.reshape(-1, k).contiguous()
-    mask = None
-    if in_mask is not None:
-        mask = in_mask if in_mask.dim() == 1 else in_mask.expand(x.shape).reshape(-1, k)
-        mask = mask.contiguous()
-    y, macs = torch.ops.selact_cpu.sparse_linear(rows, mask, packed_weight(weight), bias, n, count)
-    return y.reshape(*x.shape[:-1], n), macs if count else None
+    rows = x.reshape(-1, k)
+    mask = in_mask
+    if mask is not None and mask.dim() > 1 and mask.shape != rows.shape:
+        mask = mask.expand(x.shape).reshape(rows.shape)
+    y, macs = torch.ops.selact_cpu.sparse_linear.default(
+        rows.contiguous(),
+        None if mask is None else mask.contiguous(),
+        packed_weight(weight),
+        bias,
+        n,
+        count,
+    )
+    return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)), macs if count else None
 
 
 def conv2d(

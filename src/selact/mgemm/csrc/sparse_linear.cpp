@@ -36,6 +36,7 @@ namespace {
 constexpr int64_t LANES = 16;  // floats per AVX-512 register; packed rows are padded to it
 constexpr int64_t NR = 64;     // columns of C per register tile (4 registers)
 constexpr int64_t KC = 128;    // kept rows of Wt per block: 128 x 64 x 4 B = 32 KB, in L1
+constexpr int64_t MIN_WORK = 1 << 16;  // multiply-adds (or copies) below which a thread is not worth waking
 
 // ---------------------------------------------------------------------------------------------
 // gemv
@@ -88,8 +89,9 @@ int64_t gemv(const float* x, const bool* mask, int64_t K, const float* wt, int64
       value.push_back(x[k]);
     }
   const int64_t J = static_cast<int64_t>(row.size());
-  // one part per thread, but at least 32 rows per part: the sum of the parts costs Np each
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), J / 32));
+  // one part per thread, each of at least MIN_WORK MACs: a thread costs a few microseconds to
+  // wake, and the sum of the parts Np each
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), J * Np / MIN_WORK));
   std::vector<float> acc(static_cast<size_t>(parts * Np), 0.0f);
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
@@ -215,7 +217,8 @@ void run_rows(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t j0, int
 // C = A · Wt[kept] + bias. Threads split the columns first (each reads its part of every kept
 // row), then the rows of C (each reads all of its columns' kept rows, from L2).
 void indexed_gemm(const Gemm& g) {
-  const int64_t threads = at::get_num_threads(), n_blocks = (g.N + NR - 1) / NR;
+  const int64_t work = g.M * g.N * g.J, n_blocks = (g.N + NR - 1) / NR;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / MIN_WORK));
   const int64_t n_parts = std::min(threads, n_blocks);
   const int64_t m_parts = std::max<int64_t>(1, std::min(threads / n_parts, g.M / 16));
   at::parallel_for(0, n_parts * m_parts, 1, [&](int64_t i0, int64_t i1) {
@@ -397,7 +400,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv(
     const int64_t Ck = static_cast<int64_t>(kept.size());
     padded.assign(static_cast<size_t>(Ck * Hp * Wp), 0.0f);
     std::atomic<int64_t> sample_macs{0};
-    at::parallel_for(0, Ck, 1, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, Ck, std::max<int64_t>(1, MIN_WORK / (Hp * Wp)), [&](int64_t c0, int64_t c1) {
       int64_t part = 0;
       for (int64_t i = c0; i < c1; ++i) {
         const float* xc = xp + s * s0 + kept[i] * s1;
