@@ -128,6 +128,35 @@ def test_cnn_round_trip_reproduces_outputs(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
+class AttentionBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_attention_round_trip_reproduces_outputs(tmp_path):
+    # MultiheadAttention's in-projection is a selective layer without a module of its own in the
+    # dense model: it must not count as a conversion that load has to redo (a bug found when the
+    # VOC sweep loaded a fine-tuned detector).
+    torch.manual_seed(0)
+    model = selact.sparsify(
+        AttentionBlock(),
+        strategy="sapw",
+        density=0.3,
+        filter_fn=lambda module, name: isinstance(module, nn.MultiheadAttention | nn.Linear),
+    ).eval()
+    path = selact.save(model, tmp_path / "attn.safetensors")
+    loaded = selact.load(AttentionBlock(), path).eval()
+    assert selective_configs(loaded) == selective_configs(model)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_round_trip_of_a_dense_model(tmp_path):
     model = mlp(seed=0)
     path = selact.save(model, tmp_path / "dense.safetensors")

@@ -1,12 +1,11 @@
 """Timing: medians of interleaved runs, wall clock on the CPU, CUDA events on the GPU.
 
-The routes being compared run in alternating blocks (a block of dense calls, a block of backend
-calls, ..., again), so load from other processes shifts them alike and their ratios stay
-meaningful, while within a block each route runs in its own steady state: single interleaved
-calls let one route's memory traffic (a naive gather copying 32 MB) evict the next route's
-weights. Each route cycles through several inputs and masks, as a layer sees new ones every
-call: a fixed mask would keep its kept weights in cache and flatter the sparse kernels. On the
-GPU the L2 cache is flushed before each timed call, for the same reason.
+The routes being compared run interleaved, one call of each in turn, so that load from other
+processes shifts them alike and their ratios stay meaningful. Each route cycles through several
+inputs and masks, as a layer sees new ones every call (a fixed mask would keep its kept weights
+in cache and flatter the sparse kernels), and reads its own copy of the weights: between two calls
+of one route the others' traffic evicts its data, as the other layers of a model do. On the GPU
+the L2 cache is flushed before each timed call, for the same reason.
 """
 
 from __future__ import annotations

@@ -114,10 +114,11 @@ class Finetune:
 
 
 def default_out(task: str, model: str, scale: str) -> Path:
-    """results/<task>/<model>.json, or runs/sweep-smoke/<task>/<model>.json for smoke runs."""
+    """results/<task>/<model>.json (full scale), results/<task>/<model>-cpu.json, or
+    runs/sweep-smoke/<task>/<model>.json for smoke runs."""
     if scale == "smoke":
         return Path("runs") / "sweep-smoke" / task / f"{model}.json"
-    return Path("results") / task / f"{model}.json"
+    return Path("results") / task / (f"{model}.json" if scale == "full" else f"{model}-{scale}.json")
 
 
 def plan(rec: Recipe, seeds: tuple[int, ...], scale: str = "full") -> list[Eval | Finetune]:

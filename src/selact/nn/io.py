@@ -89,7 +89,7 @@ def _convert(model: nn.Module, converted: dict, layers: dict) -> None:
             filter_fn=lambda module, name: name in converted,
             overrides={**converted, **layers},
         )
-    found = {n for n, m in model.named_modules() if isinstance(m, Converted)}
+    found = set(selective_configs(model)["converted"])  # as save() records them
     if found != set(converted):
         raise ValueError(f"layers {sorted(set(converted) ^ found)} could not be converted alike")
 
