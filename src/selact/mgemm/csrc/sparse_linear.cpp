@@ -9,7 +9,7 @@
 // Two kernels:
 //  - gemv: one row of x (batch 1, or per-row masks): y = Σ_j x[k_j] Wt[k_j]. The kept rows are
 //    split between the threads (split-K), each accumulating all N outputs in L1, then summed.
-//    Memory-bound: it streams the kept rows, 4 at a time, and prefetches the next 4.
+//    Memory-bound: it streams the kept rows, 8 at a time, and prefetches the next 8.
 //  - indexed_gemm: M rows that share one list of kept inputs (a batch-shared mask, or the output
 //    positions of a convolution whose sample keeps the same channels everywhere):
 //    C[m] = Σ_j A(m, j) Wt[k_j] with A(m, j) = src[offset(m) + base[j]], so a convolution is an
@@ -36,38 +36,46 @@ namespace {
 constexpr int64_t LANES = 16;  // floats per AVX-512 register; packed rows are padded to it
 constexpr int64_t NR = 64;     // columns of C per register tile (4 registers)
 constexpr int64_t KC = 128;    // kept rows of Wt per block: 128 x 64 x 4 B = 32 KB, in L1
+constexpr int GEMV_ROWS = 8;  // kept rows streamed at once by the GEMV
 constexpr int64_t MIN_WORK = 1 << 16;  // multiply-adds (or copies) below which a thread is not worth waking
 
 // ---------------------------------------------------------------------------------------------
 // gemv
 
-// acc[0:Np] += Σ_j value[j] · wt[row[j]][0:Np] for j < count.
-void axpy_rows(const float* __restrict wt, int64_t Np, const int64_t* __restrict row,
-               const float* __restrict value, int64_t count, float* __restrict acc) {
+// acc[0:Np] += Σ_j value[j] · wt[row[j]][0:Np] for j < count: G rows at a time (G streams for
+// the prefetchers, one pass over acc per G rows), and the next G rows fetched into L2 meanwhile
+// (the hardware prefetcher cannot see across the gaps between kept rows).
+template <int G>
+int64_t axpy_group(const float* __restrict wt, int64_t Np, const int64_t* __restrict row,
+                   const float* __restrict value, int64_t count, float* __restrict acc) {
   int64_t j = 0;
 #if defined(__AVX512F__)
-  for (; j + 4 <= count; j += 4) {
-    const float *w0 = wt + row[j], *w1 = wt + row[j + 1], *w2 = wt + row[j + 2], *w3 = wt + row[j + 3];
-    // the next four rows, fetched into L2 while these stream (the prefetcher cannot see the gaps)
-    const int64_t n = j + 8 <= count ? j + 4 : j;
-    const char *p0 = reinterpret_cast<const char*>(wt + row[n]), *p1 = reinterpret_cast<const char*>(wt + row[n + 1]),
-               *p2 = reinterpret_cast<const char*>(wt + row[n + 2]), *p3 = reinterpret_cast<const char*>(wt + row[n + 3]);
-    const __m512 v0 = _mm512_set1_ps(value[j]), v1 = _mm512_set1_ps(value[j + 1]),
-                 v2 = _mm512_set1_ps(value[j + 2]), v3 = _mm512_set1_ps(value[j + 3]);
+  for (; j + G <= count; j += G) {
+    const float* w[G];
+    const char* ahead[G];
+    __m512 v[G];
+    const int64_t next = j + 2 * G <= count ? j + G : j;
+    for (int g = 0; g < G; ++g) {
+      w[g] = wt + row[j + g];
+      ahead[g] = reinterpret_cast<const char*>(wt + row[next + g]);
+      v[g] = _mm512_set1_ps(value[j + g]);
+    }
     for (int64_t c = 0; c < Np; c += LANES) {
-      _mm_prefetch(p0 + 4 * c, _MM_HINT_T1);
-      _mm_prefetch(p1 + 4 * c, _MM_HINT_T1);
-      _mm_prefetch(p2 + 4 * c, _MM_HINT_T1);
-      _mm_prefetch(p3 + 4 * c, _MM_HINT_T1);
       __m512 a = _mm512_loadu_ps(acc + c);
-      a = _mm512_fmadd_ps(v0, _mm512_loadu_ps(w0 + c), a);
-      a = _mm512_fmadd_ps(v1, _mm512_loadu_ps(w1 + c), a);
-      a = _mm512_fmadd_ps(v2, _mm512_loadu_ps(w2 + c), a);
-      a = _mm512_fmadd_ps(v3, _mm512_loadu_ps(w3 + c), a);
+      for (int g = 0; g < G; ++g) {
+        _mm_prefetch(ahead[g] + 4 * c, _MM_HINT_T1);
+        a = _mm512_fmadd_ps(v[g], _mm512_loadu_ps(w[g] + c), a);
+      }
       _mm512_storeu_ps(acc + c, a);
     }
   }
 #endif
+  return j;
+}
+
+void axpy_rows(const float* __restrict wt, int64_t Np, const int64_t* __restrict row,
+               const float* __restrict value, int64_t count, float* __restrict acc) {
+  int64_t j = axpy_group<GEMV_ROWS>(wt, Np, row, value, count, acc);
   for (; j < count; ++j) {
     const float* __restrict w = wt + row[j];
     const float v = value[j];
