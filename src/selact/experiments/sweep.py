@@ -118,7 +118,9 @@ def default_out(task: str, model: str, scale: str) -> Path:
     runs/sweep-smoke/<task>/<model>.json for smoke runs."""
     if scale == "smoke":
         return Path("runs") / "sweep-smoke" / task / f"{model}.json"
-    return Path("results") / task / (f"{model}.json" if scale == "full" else f"{model}-{scale}.json")
+    return (
+        Path("results") / task / (f"{model}.json" if scale == "full" else f"{model}-{scale}.json")
+    )
 
 
 def plan(rec: Recipe, seeds: tuple[int, ...], scale: str = "full") -> list[Eval | Finetune]:

@@ -121,29 +121,29 @@ def conv2d(
     keep = in_mask.reshape(in_mask.shape[0], -1)
     if keep.shape[1] != x.shape[1]:  # a (B, 1, 1, 1) mask keeps or drops whole samples
         keep = keep.expand(keep.shape[0], x.shape[1])
-    y, _, macs = _channel_conv(
-        x, keep.contiguous(), 0, None, weight, bias, stride, padding, dilation, count
+    geometry = conv_geometry(weight.shape, stride, padding, dilation)
+    y, _, macs = torch.ops.selact_cpu.channel_conv.default(
+        x, keep.contiguous(), 0, None, packed_weight(weight), bias, *geometry, count
     )
     return y, macs if count else None
 
 
-def select_conv2d(x, weight, bias, stride, padding, dilation, *, keep, norms=None, count=True):
+def conv_geometry(weight_shape, stride, padding, dilation) -> tuple[int, ...]:
+    """A convolution's shape as the kernel takes it: (N, kh, kw, sh, sw, ph, pw, dh, dw)."""
+    c_out, _, kh, kw = weight_shape
+    return (c_out, kh, kw, *_pair(stride), *_pair(padding), *_pair(dilation))
+
+
+def select_conv2d(x, weight, bias, geometry, *, keep, norms=None, count=True):
     """The AMU's channel top-k and the convolution over the kept channels, in one kernel call:
     per sample of ``x`` the ``keep`` channels of largest mean ``|x|`` (SAPI), times ``norms``
     (C,) for SAPW; ties go to the lower channel. The selection of :func:`selact.amu.mask` with
-    channel granularity and a top-k budget. Returns (y, keep (B, C) bool, MACs or None)."""
-    y, kept, macs = _channel_conv(
-        x, None, keep, norms, weight, bias, stride, padding, dilation, count
+    channel granularity and a top-k budget. ``geometry``: :func:`conv_geometry`. Returns
+    (y, keep (B, C) bool, MACs or None)."""
+    y, kept, macs = torch.ops.selact_cpu.channel_conv.default(
+        x, None, keep, norms, packed_weight(weight), bias, *geometry, count
     )
     return y, kept, macs if count else None
-
-
-def _channel_conv(x, keep, k, norms, weight, bias, stride, padding, dilation, count):
-    c_out, _, kh, kw = weight.shape
-    return torch.ops.selact_cpu.channel_conv.default(
-        x, keep, k, norms, packed_weight(weight), bias, c_out, kh, kw,
-        *_pair(stride), *_pair(padding), *_pair(dilation), count,
-    )  # fmt: skip
 
 
 def available() -> bool:

@@ -70,6 +70,7 @@ class SelectiveConv2d(SelectiveModule):
         self.remember(conv)
         self._fused_for: SelectiveConfig | None = None
         self._fused_keep = 0  # channels the fused route keeps per sample; 0: no fused route
+        self._fused_geometry: tuple[int, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x, dims=(3, 4), size=self.in_channels, dim=-3)
@@ -82,7 +83,7 @@ class SelectiveConv2d(SelectiveModule):
             padding = 0
         args = (self.stride, padding, self.dilation, self.groups)
         if self._fused_route(x):
-            mask, y, executed = self._fused_forward(x, args)
+            mask, y, executed = self._fused_forward(x)
         else:
             mask = self.input_mask(x, self.weight, "conv", self.groups)
             x, weight, bias = self.autocast_operands(x, self.weight, self.bias)
@@ -117,30 +118,36 @@ class SelectiveConv2d(SelectiveModule):
                 and c.density < 1.0
                 and c.backend in (None, "cpu")
                 and self.groups == 1
+                and self.padding_mode == "zeros"
                 and not isinstance(self.padding, str)
                 and cpu.available()
             )
             self._fused_keep = amu.keep_count(c.density, self.in_channels) if fused else 0
+            self._fused_geometry = cpu.conv_geometry(
+                self.weight.shape, self.stride, self.padding, self.dilation
+            )
+        if not self._fused_keep or x.dtype != torch.float32 or x.device.type != "cpu":
+            return False
+        weight = self.weight
         return (
-            self._fused_keep > 0
-            and self.score_sample is None
-            and x.device.type == "cpu"
-            and x.dtype == self.weight.dtype == torch.float32
+            weight.dtype == torch.float32
             and x.shape[0] <= cpu.MAX_ROWS
-            and os.environ.get(ENV_VAR) in (None, "", "cpu")
+            and self.score_sample is None
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and not torch.is_autocast_enabled("cpu")
-            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            and os.environ.get(ENV_VAR) in (None, "", "cpu")
         )
 
-    def _fused_forward(self, x: torch.Tensor, args: tuple) -> tuple:
+    def _fused_forward(self, x: torch.Tensor) -> tuple:
         norms = None
         if self.config.strategy == "sapw":
             norms = self._input_norms(self.weight, "conv", 1).reshape(-1)
+        counting = self.config.counting
         y, keep, executed = cpu.select_conv2d(
-            x, self.weight, self.bias, *args[:3], keep=self._fused_keep, norms=norms,
-            count=self.config.counting,
+            x, self.weight, self.bias, self._fused_geometry, keep=self._fused_keep, norms=norms,
+            count=counting,
         )  # fmt: skip
-        return keep.view(*keep.shape, 1, 1), y, executed
+        return (keep.view(*keep.shape, 1, 1) if counting else None), y, executed
 
     def extra_repr(self) -> str:
         return (

@@ -37,7 +37,7 @@ constexpr int64_t LANES = 16;  // floats per AVX-512 register; packed rows are p
 constexpr int64_t NR = 64;     // columns of C per register tile (4 registers)
 constexpr int64_t KC = 128;    // kept rows of Wt per block: 128 x 64 x 4 B = 32 KB, in L1
 constexpr int GEMV_ROWS = 8;  // kept rows streamed at once by the GEMV
-constexpr int64_t MIN_WORK = 1 << 16;  // multiply-adds (or copies) below which a thread is not worth waking
+constexpr int64_t MIN_WORK = 1 << 15;  // multiply-adds (or copies) below which a thread is not worth waking
 
 // ---------------------------------------------------------------------------------------------
 // gemv
