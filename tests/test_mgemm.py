@@ -62,16 +62,20 @@ mask_kinds = st.sampled_from(["empty", "half", "full", "none"])
     in_kind=mask_kinds,
     out_kind=mask_kinds,
     shared=st.booleans(),
+    broadcast=st.lists(st.booleans(), min_size=2, max_size=2),
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_linear_matches_brute_force(
-    backend, lead, k, n, dtype, in_kind, out_kind, shared, bias, seed
+    backend, lead, k, n, dtype, in_kind, out_kind, shared, broadcast, bias, seed
 ):
     x = _relu_input((*lead, k), dtype, seed)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     b = torch.randn(n).to(dtype) if bias else None
-    in_mask = None if in_kind == "none" else _mask((k,) if shared else x.shape, in_kind, seed)
+    # (K,) shared by all rows, or x's shape with some row dims broadcast (size 1)
+    ones = broadcast[: len(lead)]
+    in_shape = (k,) if shared else (*(1 if o else d for d, o in zip(lead, ones, strict=True)), k)
+    in_mask = None if in_kind == "none" else _mask(in_shape, in_kind, seed)
     out_mask = None if out_kind == "none" else _mask((*lead, n), out_kind, seed + 2)
     if mgemm.why_not(backend, mgemm.linear_case(x, w, b, in_mask=in_mask, out_mask=out_mask)):
         return  # a case this backend declines; the dispatcher never sends it there
@@ -355,6 +359,12 @@ def test_named_backend_raises_when_it_cannot_serve(fake_backend, monkeypatch):
             "cpu",
             lambda: mgemm.linear_case(
                 torch.randn(8, 64), torch.randn(96, 64), in_mask=torch.rand(64) < 0.5
+            ),
+        ),
+        (
+            "cpu",  # a token sequence's per-sample feature mask: one GEMM per sample
+            lambda: mgemm.linear_case(
+                torch.randn(2, 65, 192), torch.randn(96, 192), in_mask=torch.rand(2, 1, 192) < 0.5
             ),
         ),
         (

@@ -4,8 +4,9 @@ Compiled kernels (csrc/sparse_linear.cpp, AVX-512 where the CPU has it) read the
 copy packed once per layer (and again when the weight changes): one contiguous row per input, so
 a dropped input costs no memory traffic at all. float32, inference:
 
-- linear, up to :data:`MAX_ROWS` rows: per-row masks as a split-K GEMV per row; a batch-shared
-  mask as one GEMM over the kept rows;
+- linear: per-row masks (up to :data:`MAX_ROWS` rows) as a split-K GEMV per row; a mask shared
+  by runs of rows (a batch-shared mask, or a token sequence's per-sample mask; up to
+  :data:`MAX_ROWS` runs, any number of rows) as one GEMM per run over its kept inputs;
 - conv2d with channel or batch-shared masks (ungrouped, up to :data:`MAX_ROWS` samples): per
   sample an implicit GEMM over a zero-padded copy of the kept channels, any size, stride,
   padding and dilation. Its output is in channels-last memory format.
@@ -30,8 +31,8 @@ from selact.mgemm.weights import derived
 
 log = logging.getLogger(__name__)
 
-#: Largest batch the kernels take. Per-row masks re-read their kept weights row by row, so
-#: beyond a few rows one dense GEMM that reads the weight once is faster.
+#: Most masks per call: rows with their own masks (or samples of a convolution) each re-read
+#: their kept weights, so beyond a few one dense GEMM that reads the weight once is faster.
 MAX_ROWS = 8
 #: Packed weight rows are padded to this many floats (one AVX-512 register).
 LANES = 16
@@ -98,19 +99,41 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 
 def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True):
     n, k = weight.shape
-    rows = x.reshape(-1, k)
-    mask = in_mask
-    if mask is not None and mask.dim() > 1 and mask.shape != rows.shape:
-        mask = mask.expand(x.shape).reshape(rows.shape)
+    mask = None if in_mask is None else _grouped_mask(in_mask, x.shape)
     y, macs = torch.ops.selact_cpu.sparse_linear.default(
-        rows.contiguous(),
-        None if mask is None else mask.contiguous(),
-        packed_weight(weight),
-        bias,
-        n,
-        count,
+        x.reshape(-1, k).contiguous(), mask, packed_weight(weight), bias, n, count
     )
     return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)), macs if count else None
+
+
+def mask_groups(mask_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(G, R): the rows of ``x`` (R of them) come in G runs of consecutive rows that share one
+    row of the mask. A (K,) mask: G = 1; per-row masks: G = R; a (B, 1, K) mask on (B, T, K)
+    tokens: G = B."""
+    lead = x_shape[:-1]
+    varying = len(lead) - _shared_tail(mask_shape, x_shape)
+    return math.prod(lead[:varying]), math.prod(lead)
+
+
+def _shared_tail(mask_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> int:
+    """How many trailing row dims of ``x`` the mask (broadcast to ``x``) does not change along."""
+    lead = len(x_shape) - 1
+    mask_lead = (1,) * (lead - len(mask_shape) + 1) + tuple(mask_shape[:-1])
+    shared = 0
+    while shared < lead and mask_lead[lead - 1 - shared] == 1:
+        shared += 1
+    return shared
+
+
+def _grouped_mask(mask: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+    """``mask`` as the kernel takes it: (G, K), one row per run of rows (:func:`mask_groups`)."""
+    if mask.dim() == 1:
+        return mask.contiguous().view(1, -1)
+    lead, k = tuple(x_shape[:-1]), x_shape[-1]
+    varying = len(lead) - _shared_tail(tuple(mask.shape), tuple(x_shape))
+    full = mask.reshape((1,) * (len(x_shape) - mask.dim()) + tuple(mask.shape))
+    target = (*lead[:varying], *full.shape[varying:-1], k)
+    return full.expand(target).reshape(-1, k).contiguous()
 
 
 def conv2d(
@@ -165,9 +188,11 @@ def _check(case: Case) -> str | None:
         return _check_conv(case)
     if case.shapes["out_mask"] is not None:
         return "it has no output-mask kernel"
-    rows = math.prod(case.shapes["x"][:-1])
-    if rows > MAX_ROWS:
-        return f"{rows} rows exceed its {MAX_ROWS}-row limit"
+    mask, x = case.shapes["in_mask"], case.shapes["x"]
+    groups, rows = mask_groups(x if mask is None else mask, x)
+    if groups > MAX_ROWS:
+        what = "rows with their own masks" if groups == rows else "mask rows"
+        return f"{groups} {what} exceed its {MAX_ROWS}-row limit"
     return _build()
 
 

@@ -322,8 +322,11 @@ at::Tensor channel_topk(const at::Tensor& x, const c10::optional<at::Tensor>& no
 
 }  // namespace
 
-// y = (mask ⊙ x) Wᵀ + b for x (R, K) float32 and mask (R, K), (K,) or none; returns (y, MACs):
-// the kept nonzero inputs times N (zero when count is false).
+// y = (mask ⊙ x) Wᵀ + b for x (R, K) float32 and mask (G, K) or (K,) (G = 1), G dividing R: the
+// g-th run of R/G consecutive rows shares mask row g (per row: G = R; per sample of a token
+// sequence: G = samples). Without a mask every input is kept. Returns (y, MACs): the kept nonzero
+// inputs times N (zero when count is false). Runs of one row take the GEMV, longer runs one GEMM
+// each over their kept inputs.
 std::tuple<at::Tensor, at::Tensor> sparse_linear(const at::Tensor& x, const c10::optional<at::Tensor>& mask,
                                                  const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                                                  int64_t n_out, bool count) {
@@ -332,34 +335,41 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear(const at::Tensor& x, const c10:
   check_packed(packed, K, n_out);
   const int64_t Np = packed.size(1);
   const bool* m = nullptr;
-  bool shared = false;
+  int64_t G = R;  // no mask: every row on its own (the GEMV skips its zeros)
   if (mask.has_value()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous(), "mask: contiguous bool");
-    shared = mask->dim() == 1;
-    TORCH_CHECK(mask->numel() == (shared ? K : R * K), "mask must be (K,) or (R, K)");
+    TORCH_CHECK((mask->dim() == 1 || mask->dim() == 2) && mask->size(-1) == K, "mask must be (G, K) or (K,)");
+    G = mask->dim() == 1 ? 1 : mask->size(0);
+    TORCH_CHECK(G > 0 ? R % G == 0 : R == 0, "mask has ", G, " rows, which do not divide the ", R, " rows of x");
     m = mask->data_ptr<bool>();
   }
   const float* b = bias_data(bias, n_out);
   const float* xp = x.data_ptr<float>();
+  const float* wt = packed.data_ptr<float>();
   at::Tensor y = at::empty({R, n_out}, x.options());
   float* yp = y.data_ptr<float>();
+  const int64_t T = G > 0 ? R / G : 0;  // rows per mask row
   int64_t macs = 0;
-  if (!shared || R == 1) {
+  if (T == 1) {
     for (int64_t r = 0; r < R; ++r)
-      macs += gemv(xp + r * K, m == nullptr ? nullptr : (shared ? m : m + r * K), K, packed.data_ptr<float>(),
-                   n_out, Np, b, yp + r * n_out);
+      macs += gemv(xp + r * K, m == nullptr ? nullptr : m + r * K, K, wt, n_out, Np, b, yp + r * n_out);
   } else {
     std::vector<int64_t> base, row;
-    for (int64_t k = 0; k < K; ++k)
-      if (m[k]) {
-        base.push_back(k);
-        row.push_back(k * Np);
-      }
-    const int64_t J = static_cast<int64_t>(base.size());
-    indexed_gemm({xp, R, 0, K, base.data(), row.data(), packed.data_ptr<float>(), b, yp, R, n_out, J});
-    if (count)
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t j = 0; j < J; ++j) macs += (xp[r * K + base[j]] != 0.0f) * n_out;
+    for (int64_t g = 0; g < G && T > 0; ++g) {
+      base.clear();
+      row.clear();
+      for (int64_t k = 0; k < K; ++k)
+        if (m[g * K + k]) {
+          base.push_back(k);
+          row.push_back(k * Np);
+        }
+      const int64_t J = static_cast<int64_t>(base.size());
+      const float* xg = xp + g * T * K;
+      indexed_gemm({xg, T, 0, K, base.data(), row.data(), wt, b, yp + g * T * n_out, T, n_out, J});
+      if (count)
+        for (int64_t r = 0; r < T; ++r)
+          for (int64_t j = 0; j < J; ++j) macs += (xg[r * K + base[j]] != 0.0f) * n_out;
+    }
   }
   return {y, at::scalar_tensor(count ? macs : 0, at::kLong)};
 }
