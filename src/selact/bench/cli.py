@@ -51,6 +51,13 @@ def model_command(
     batch: Annotated[list[int] | None, typer.Option(help="Batch sizes (repeatable).")] = None,
     threads: Annotated[list[int] | None, typer.Option(help="Thread counts (repeatable).")] = None,
     density: Annotated[float, typer.Option(help="SAPI density of the selective copy.")] = 0.35,
+    linear_granularity: Annotated[
+        str,
+        typer.Option(
+            help="Granularity of the Linear layers' masks: element (per row, or per token) or "
+            "channel (per sample: one feature mask for all of a sample's tokens)."
+        ),
+    ] = "element",
     quick: Quick = False,
     reps: Reps = None,
     out: Out = None,
@@ -59,7 +66,8 @@ def model_command(
     names = name or (["small_cnn"] if quick else ["resnet20", "vgg16", "vit"])
     batches = batch or ([1] if quick else [1, 32])
     counts = threads or ([1] if quick else [1, 2])
-    rows = list(models.run(names, batches, counts, density, reps or (10 if quick else 100)))
+    reps = reps or (10 if quick else 100)
+    rows = list(models.run(names, batches, counts, density, reps, linear_granularity))
     _finish(rows, "model", quick, out)
 
 

@@ -1,8 +1,9 @@
 """Model benchmarks: latency of a dense model and of its selective copy at the same weights.
 
-The selective copy uses SAPI with channel masks on the convolutions (what the ``gather`` backend
-turns into time) and element masks on Linear layers, top-k budget, counting and finiteness checks
-off; its time includes the AMU's own work (scores, top-k, masks). Latency is the median of
+The selective copy uses SAPI with channel masks on the convolutions (what the ``cpu`` backend's
+fused route turns into time) and element masks on Linear layers (or per-sample ``channel`` masks,
+which the ``cpu`` backend runs as one GEMM per sample on token sequences), top-k budget, counting
+and finiteness checks off; its time includes the AMU's own work (scores, top-k, masks). Latency is the median of
 interleaved calls under ``torch.inference_mode``.
 """
 
@@ -29,10 +30,15 @@ INPUTS = {
 }
 
 
-def selective_copy(model: nn.Module, density: float, counting: bool = False) -> nn.Module:
-    """SAPI at ``density``: channel masks on convolutions, element masks on Linear layers."""
+def selective_copy(
+    model: nn.Module, density: float, counting: bool = False, linear_granularity: str = "element"
+) -> nn.Module:
+    """SAPI at ``density``: channel masks on convolutions, ``linear_granularity`` masks on Linear
+    layers."""
     linears = {
-        n: {"granularity": "element"} for n, m in model.named_modules() if isinstance(m, nn.Linear)
+        n: {"granularity": linear_granularity}
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
     }
     return selact.sparsify(
         copy.deepcopy(model),
@@ -51,22 +57,24 @@ def run(
     threads: list[int],
     density: float,
     reps: int,
+    linear_granularity: str = "element",
     seed: int = 0,
 ) -> Iterator[dict]:
-    """One row per (model, batch, threads, route) with route ``dense`` or ``selective``."""
+    """One row per (model, batch, threads, route) with route ``dense`` or ``selective``; the
+    selective rows' granularity reads ``channel`` (convolutions) ``/`` the Linear layers' one."""
     initial_threads = torch.get_num_threads()
     try:
-        yield from _run(names, batches, threads, density, reps, seed)
+        yield from _run(names, batches, threads, density, reps, linear_granularity, seed)
     finally:
         torch.set_num_threads(initial_threads)
 
 
-def _run(names, batches, threads, density, reps, seed):
+def _run(names, batches, threads, density, reps, linear_granularity, seed):
     for name in names:
         torch.manual_seed(seed)
         dense = create_model(name, num_classes=10).eval()
-        selective = selective_copy(dense, density)
-        counted = selective_copy(dense, density, counting=True)
+        selective = selective_copy(dense, density, linear_granularity=linear_granularity)
+        counted = selective_copy(dense, density, True, linear_granularity)
         for batch in batches:
             inputs = [torch.randn(batch, *INPUTS[name]) for _ in range(4)]
             with torch.inference_mode():
@@ -88,7 +96,7 @@ def _run(names, batches, threads, density, reps, seed):
                         "op": name,
                         "shape": f"{batch}x{'x'.join(map(str, INPUTS[name]))}",
                         "dtype": "float32",
-                        "granularity": "channel" if route != "dense" else "-",
+                        "granularity": f"channel/{linear_granularity}" if route != "dense" else "-",
                         "density": density if route != "dense" else 1.0,
                         "backend": route,
                         "batch": batch,
