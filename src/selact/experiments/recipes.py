@@ -67,22 +67,19 @@ _CNN_DENSE = TrainConfig(
 )
 # Mask-aware fine-tuning: a tenth of the peak rate, cosine to zero, distillation from the dense
 # model's logits (weight 0.5, T = 4), the density falling linearly from 1.0 to its target over
-# the first 30 % of the steps.
-_CNN_FINETUNE = TrainConfig(
-    epochs=10,
-    batch_size=512,
-    optimizer="sgd",
-    lr=0.04,
-    weight_decay=5e-4,
-    schedule="cosine",
-    warmup=0.1,
-    density_schedule="linear",
-    density_warmup=0.3,
-    distill=0.5,
-    temperature=4.0,
-    eval_every=0,  # the sweep evaluates after fine-tuning
-    ema=0.0,
-)
+# the first 30 % of the steps; the sweep evaluates after fine-tuning.
+_MASK_AWARE = {
+    "epochs": 10,
+    "schedule": "cosine",
+    "warmup": 0.1,
+    "density_schedule": "linear",
+    "density_warmup": 0.3,
+    "distill": 0.5,
+    "temperature": 4.0,
+    "eval_every": 0,
+    "ema": 0.0,
+}
+_CNN_FINETUNE = _CNN_DENSE.replace(lr=0.04, **_MASK_AWARE)
 _VIT_DENSE = TrainConfig(
     epochs=200,
     batch_size=512,
@@ -95,36 +92,11 @@ _VIT_DENSE = TrainConfig(
     eval_every=10,
     ema=0.999,
 )
-_VIT_FINETUNE = TrainConfig(
-    epochs=10,
-    batch_size=512,
-    optimizer="adamw",
-    lr=2e-4,
-    weight_decay=0.05,
-    schedule="cosine",
-    warmup=0.1,
-    grad_clip=1.0,
-    density_schedule="linear",
-    density_warmup=0.3,
-    distill=0.5,
-    temperature=4.0,
-    eval_every=0,
-)
+_VIT_FINETUNE = _VIT_DENSE.replace(lr=2e-4, **_MASK_AWARE)
 
 _FULL = {
     "resnet20": Recipe(
         model="resnet20",
-        dense=_CNN_DENSE,
-        finetune=_CNN_FINETUNE,
-        task_args={"label_smoothing": 0.1, "cutout": 0},
-        targets=(0.5, 0.4, 1 / 3, 0.25, 0.2),
-        frontier=1 / 3,
-        lower=0.25,
-        strategy="sapi",
-        other="sapw",
-    ),
-    "resnet56": Recipe(
-        model="resnet56",
         dense=_CNN_DENSE,
         finetune=_CNN_FINETUNE,
         task_args={"label_smoothing": 0.1, "cutout": 0},
@@ -160,7 +132,8 @@ _FULL = {
 
 
 def recipe(model: str, scale: str = "full") -> Recipe:
-    """The recipe of ``model`` at ``scale``; models without their own use ResNet-20's."""
+    """The recipe of ``model`` at ``scale``; models without their own (resnet56, torchvision or
+    timm models) use ResNet-20's."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     base = _FULL.get(model, dataclasses.replace(_FULL["resnet20"], model=model))

@@ -106,9 +106,9 @@ class SelectiveConv2d(SelectiveModule):
 
     def _fused_route(self, x: torch.Tensor) -> bool:
         """Whether this call takes the CPU kernels' fused route: the AMU's channel top-k and the
-        channel-masked convolution as two kernel calls, with none of the dispatcher's or the
-        mask's tensor ops in between (at batch 1 on small maps those cost more than the
-        convolution). The same masks and outputs as the general route."""
+        channel-masked convolution in one kernel call, with none of the dispatcher's or the
+        mask's tensor ops (at batch 1 on small maps those cost more than the convolution). The
+        same masks and outputs as the general route."""
         if self._fused_for is not self.config:  # what depends on the config alone, once
             c = self._fused_for = self.config
             fused = (
