@@ -14,7 +14,7 @@ mkdir -p "$OUT"
   SELACT_TRITON_AUTOTUNE=0 timeout ${TEST_SECONDS:-240} python -m pytest -q -p no:cacheprovider \
     tests/test_cuda.py tests/test_triton.py tests/test_mgemm.py tests/test_convert.py \
     tests/test_attention.py 2>&1 | tail -n 25
-  timeout ${BENCH_SECONDS:-300} python -m selact bench kernels --device cuda --reps 100 --out "$OUT" 2>&1
+  timeout ${BENCH_SECONDS:-300} python -m selact -v bench kernels --device cuda --reps 100 --out "$OUT" 2>&1
 } >> "$LOG" 2>&1
 rm -f "$OUT"/*-kernels.png
 tail -n 3 "$LOG"

@@ -24,7 +24,8 @@ CASES = [  # rows, K, N, mask kind
     (1, 64, 64, "empty"),
     (2, 33, 17, "full"),
     (20, 96, 80, "shared"),  # tl.dot kernel
-    (5, 96, 80, "shared"),  # shared mask, few rows: per-row kernel
+    (5, 96, 80, "shared"),  # shared mask, fewer rows than a tl.dot tile: padded
+    (1, 96, 80, "shared"),  # one row: the GEMV kernel
     (40, 48, 70, "out"),  # output-masked tiles, some all dropped
 ]
 
@@ -66,20 +67,25 @@ def test_interpreted_triton_is_never_chosen_automatically():
     assert mgemm.choose(case).name != "triton"
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the autotuner tries every config")
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the tuner tries every candidate")
 @pytest.mark.parametrize("split", [1, 2, 4])
-def test_every_k_split_of_the_interpreted_shared_kernel(split, monkeypatch):
-    import triton
-
+@pytest.mark.parametrize("rows", [1, 2, 16, 17])
+def test_every_k_split_of_the_interpreted_kernels(rows, split, monkeypatch):
+    """Both input-masked kernels with each K split (partial sums added by a second kernel),
+    bias included, against the reference; the interpreter runs the first candidate only."""
     from selact.mgemm import triton_kernels
+    from selact.mgemm.triton_kernels import Tiles
 
-    kernel = triton_kernels._shared_kernel
-    config = triton.Config({**kernel.config.kwargs, "SPLIT_K": split}, num_warps=4)
-    monkeypatch.setattr(kernel, "config", config)
-    for rows in (16, 17):
-        x = torch.randn(rows, 200)
-        w = torch.randn(30, 200) / 14
-        mask = torch.rand(200) < 0.5
-        y, _ = mgemm.linear(x, w, in_mask=mask, backend="triton")
-        expected, _ = _reference(x, w, None, mask)
+    monkeypatch.setattr(triton_kernels, "_CHOSEN", {})
+    monkeypatch.setattr(triton_kernels, "ROWS_TILES", [Tiles(32, 32, split)])
+    monkeypatch.setattr(triton_kernels, "SHARED_TILES", [Tiles(32, 32, split, block_m=16)])
+    g = torch.Generator().manual_seed(rows + 10 * split)
+    x = torch.randn(rows, 200, generator=g).clamp_min(-0.3)
+    w = torch.randn(50, 200, generator=g) / 14
+    b = torch.randn(50, generator=g)
+    for mask in (torch.rand(200, generator=g) < 0.5, torch.rand(rows, 200, generator=g) < 0.5):
+        if mask.dim() == 2 and rows > 2:
+            continue  # per-row masks: at most 2 rows (triton_backend.MAX_ROWS)
+        y, _ = mgemm.linear(x, w, b, in_mask=mask, backend="triton")
+        expected, _ = _reference(x, w, b, mask)
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)

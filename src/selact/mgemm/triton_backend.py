@@ -22,8 +22,9 @@ from selact.mgemm.weights import derived
 #: weight reads: measured on an H200 (4096 -> 16384 bf16, density 0.5), 16 rows took 18.6x the
 #: dense time. Beyond this many rows a dense GEMM (or a shared mask) wins.
 MAX_ROWS = 2
-#: Shared masks with at least this many rows use the tiled tl.dot kernel (tl.dot needs 16 rows).
-DOT_ROWS = 16
+#: Shared masks with at least this many rows use the tiled tl.dot kernel, which reads each kept
+#: weight row once per 16-64 rows (rows beyond R padded): the per-row kernel would read it R times.
+DOT_ROWS = 2
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
