@@ -12,15 +12,15 @@
 #   MODELS (default "resnet20 vgg16 vit"); SWEEP_ARGS: extra `selact sweep` options (a CPU dry
 #   run: MODELS=small_cnn SWEEP_ARGS="--smoke --device cpu"); SELACT_COMMIT (else
 #   .device/commit, else git): recorded in every row; DENSE_DIR: a folder holding
-#   <model>-dense.safetensors from an earlier run, reused instead of training (more time for
-#   fine-tuning).
+#   <model>/dense/model.safetensors (the layout of dense.tgz below) from an earlier run, reused
+#   instead of training (more time for fine-tuning); PLOT=0: no PNG (saves one returned file).
 #
-# Writes to $OUT (at most 8 files): <model>.json per model (the sweep rows, rewritten after every
+# Writes to $OUT (at most 7 files): <model>.json per model (the sweep rows, rewritten after every
 # result, so a run stopped at its limit keeps what it finished), log.txt (every process's log,
 # lines prefixed by model), summary.md (tables and frontier), cifar10.png (accuracy against
-# executed MACs), and the dense checkpoints that fit the return limits (<model>-dense.safetensors
-# for ResNet-20 and the ViT; VGG-16's 59 MB does not). Other checkpoints stay on the machine
-# (their SHA-256 is in the rows).
+# executed MACs), and dense.tgz: the dense checkpoints under 12 MB with their sidecars
+# (<model>/dense/model.safetensors for ResNet-20 and the ViT; VGG-16's 59 MB does not fit the
+# return limits). Other checkpoints stay on the machine (their SHA-256 is in the rows).
 #
 # Inside each sweep, jobs run in priority order (selact.experiments.sweep.plan): dense training
 # stretched over a share of the budget (--dense-share), then the searches, evaluations and
@@ -32,7 +32,7 @@ OUT=${OUT:-runs/gpu-cifar10}
 MODELS=${MODELS:-"resnet20 vgg16 vit"}
 SWEEP_ARGS=${SWEEP_ARGS:-}
 START=$(date +%s)
-export PYTHONPATH=src PYTHONUNBUFFERED=1 COLUMNS=200 OMP_NUM_THREADS=4
+export PYTHONPATH=src PYTHONUNBUFFERED=1 COLUMNS=200 OMP_NUM_THREADS=2
 export SELACT_CACHE=${SELACT_CACHE:-/tmp/selact-cache}
 if [ -z "${SELACT_COMMIT:-}" ]; then
   SELACT_COMMIT=$(cat .device/commit 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)
@@ -65,8 +65,8 @@ LEFT=$(( BUDGET - $(elapsed) - 25 ))  # 25 s kept for the report
 PIDS=()
 for MODEL in $MODELS; do
   DENSE=()
-  if [ -n "${DENSE_DIR:-}" ] && [ -f "$DENSE_DIR/$MODEL-dense.safetensors" ]; then
-    DENSE=(--dense-checkpoint "$DENSE_DIR/$MODEL-dense.safetensors")
+  if [ -n "${DENSE_DIR:-}" ] && [ -f "$DENSE_DIR/$MODEL/dense/model.safetensors" ]; then
+    DENSE=(--dense-checkpoint "$DENSE_DIR/$MODEL/dense/model.safetensors")
   fi
   # Process start-up (imports, tensors to the GPU) takes about 10 s of the sweep's time.
   timeout -k 5 "$LEFT" python -m selact -v sweep --task cifar10 --model "$MODEL" \
@@ -79,18 +79,24 @@ for PID in "${PIDS[@]}"; do
   wait "$PID"; echo "sweep process $PID exited with $? after $(elapsed)s" >> "$LOG"
 done
 
-# Dense checkpoints under 16 MiB come back, while the 8-file limit allows (6 files so far).
-COUNT=$(ls "$OUT" | wc -l); COUNT=$(( COUNT + 2 ))  # summary.md and cifar10.png follow
+# The dense checkpoints that fit the return limit (16 MiB a file) come back as one archive.
+FILES=()
 for MODEL in $MODELS; do
-  CKPT="$RUNS/$MODEL/dense/model.safetensors"
-  if [ -f "$CKPT" ] && [ "$(stat -c %s "$CKPT")" -lt 16000000 ] && [ "$COUNT" -lt 8 ]; then
-    cp "$CKPT" "$OUT/$MODEL-dense.safetensors" && COUNT=$(( COUNT + 1 ))
+  D="$MODEL/dense"
+  if [ -f "$RUNS/$D/model.safetensors" ] && [ "$(stat -c %s "$RUNS/$D/model.safetensors")" -lt 12000000 ]; then
+    FILES+=("$D/model.safetensors" "$D/model.json")
   fi
 done
+if [ ${#FILES[@]} -gt 0 ]; then
+  tar czf "$OUT/dense.tgz" -C "$RUNS" "${FILES[@]}" >> "$LOG" 2>&1 \
+    || echo "could not archive the dense checkpoints" >> "$LOG"
+fi
 
 JSONS=$(ls "$OUT"/*.json 2>/dev/null)
 if [ -n "$JSONS" ]; then
-  timeout 60 python -m selact report $JSONS --md "$OUT/summary.md" --png "$OUT/cifar10.png" \
+  PNG=()
+  [ "${PLOT:-1}" = 1 ] && PNG=(--png "$OUT/cifar10.png")
+  timeout 60 python -m selact report $JSONS --md "$OUT/summary.md" "${PNG[@]}" \
     >> "$LOG" 2>&1 || echo "report failed (rerun: selact report $OUT/*.json)" >> "$LOG"
 fi
 echo "done after $(elapsed)s" >> "$LOG"

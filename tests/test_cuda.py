@@ -81,3 +81,28 @@ def test_converted_models_on_cuda(name, dtype):
         assert s.calls > 0, layer_name
         if s.converted:
             assert s.executed_macs < s.dense_macs, layer_name
+
+
+def test_cuda_graph_training_matches_eager(caplog):
+    """Dense training with the model's forward and backward replayed as CUDA graphs ends with the
+    weights of eager training (float32; evaluation between epochs runs the module's own forward),
+    and leaves the model's forward as it was."""
+    from selact.train import TaskOptions, TrainConfig, fit
+    from tests.test_train import Toy, _net
+
+    class CudaToy(Toy):
+        def __init__(self, options):
+            super().__init__(options)
+            self.data = {k: (x.cuda(), y.cuda()) for k, (x, y) in self.data.items()}
+
+    config = TrainConfig(epochs=3, batch_size=32, lr=0.1, eval_every=1, amp="off")
+    task = CudaToy(TaskOptions(device="cuda"))
+    with caplog.at_level("INFO", logger="selact.train.loop"):
+        graphed = fit(task, _net(), config.replace(cuda_graph=True), progress=False)
+    assert "replayed as CUDA graphs" in caplog.text
+    eager = fit(task, _net(), config, progress=False)
+    assert "forward" not in vars(graphed.model)
+    pairs = zip(graphed.model.state_dict().values(), eager.model.state_dict().values(), strict=True)
+    for a, b in pairs:
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=1e-4)
+    assert graphed.metrics["test"]["top1"] == pytest.approx(eager.metrics["test"]["top1"], abs=0.02)

@@ -4,6 +4,9 @@ density 1.0 equal to dense, the report, and no smoke output under results/."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,17 @@ import selact
 from selact.cli import app
 from selact.experiments.recipes import recipe
 from selact.experiments.report import frontier, markdown, summarize
-from selact.experiments.sweep import _calibration, plan
+from selact.experiments.sweep import (
+    SweepConfig,
+    _calibration,
+    _Child,
+    _merge,
+    _Rows,
+    parse_shard,
+    plan,
+    run_sweep,
+    shard_jobs,
+)
 from selact.models import create_model
 from selact.train import TaskOptions, create_task, load_model
 from tests.mac_count import independent_fraction
@@ -142,3 +155,89 @@ def test_plan_puts_the_claims_first():
              and j.strategy == "sapi" and j.allocation == "global"]  # fmt: skip
     assert sorted(seeds) == [0, 1, 2]
     assert recipe("vit").strategy == "sapw" and recipe("vit").frontier == 0.5
+
+
+@pytest.mark.parametrize("scale", ["full", "smoke"])
+def test_shards_partition_the_plan(scale):
+    jobs = plan(recipe("resnet20", scale), (0, 1, 2), scale)
+    assert len(set(jobs)) == len(jobs)  # distinct jobs: sets below compare exactly
+    for count in range(1, 5):
+        shards = [shard_jobs(jobs, (i, count)) for i in range(count)]
+        assert sum(len(shard) for shard in shards) == len(jobs)
+        assert set().union(*shards) == set(jobs)  # with the count: disjoint, union = plan
+        for i, shard in enumerate(shards):
+            assert shard == jobs[i::count]  # round robin, priority order kept
+            assert shard[0] == jobs[i]
+    assert shard_jobs(jobs, None) == jobs
+
+
+def test_shard_validation(tmp_path):
+    assert parse_shard("2/4") == (2, 4) and parse_shard(" 0/1 ") == (0, 1)
+    for bad in ("2", "a/4", "1/2/3", "", "2/2", "5/4", "-1/2", "0/0"):
+        with pytest.raises(ValueError, match="shard"):
+            parse_shard(bad)
+    base = {"model": "small_cnn", "scale": "smoke", "device": "cpu", "data": str(tmp_path)}
+    for fields, match in (
+        ({"shard": (1, 2)}, "dense_checkpoint"),
+        ({"shard": (2, 2), "dense_checkpoint": "x"}, "2/2"),
+        ({"workers": 0}, "workers=0"),
+        ({"workers": 2, "shard": (0, 2)}, "cannot be combined"),
+    ):
+        with pytest.raises(ValueError, match=match):  # before any data is read
+            run_sweep(SweepConfig(**base, **fields))
+    cli = ["sweep", "--task", "cifar10", "--model", "small_cnn", "--smoke", "--device", "cpu",
+           "--data", str(tmp_path), "--out", str(tmp_path / "rows.json")]  # fmt: skip
+    for shard, message in (("2/2", "2/2"), ("x", "'x'"), ("1/2", "dense-checkpoint")):
+        result = CliRunner().invoke(app, [*cli, "--shard", shard])
+        assert result.exit_code == 1 and message in result.output, result.output
+    assert not (tmp_path / "rows.json").exists()
+
+
+def test_merge_keeps_a_failed_shards_rows(tmp_path, caplog):
+    rows = _Rows(tmp_path / "rows.json", {}, [{"strategy": "dense"}])
+    children = []
+    for i, code in ((1, 3), (2, 0), (3, 0)):
+        out = tmp_path / f"rows.shard{i}.json"
+        if i < 3:  # shard 3 wrote no rows
+            out.write_text(json.dumps([{"strategy": "sapi", "shard": f"{i}/4"}]))
+        process = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"])
+        process.wait()
+        children.append(_Child(f"{i}/4", out, tmp_path / "log", process, threading.Thread()))
+    with caplog.at_level("INFO"):
+        merged = _merge(rows, children)
+    assert [r.get("shard") for r in merged] == ["1/4", "2/4"]
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows.rows and len(rows.rows) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]
+    assert "shard 1/4 failed (exit 3" in caplog.text and "rows.shard1.json" in caplog.text
+
+
+def _keys(rows):
+    return {(r["strategy"], r["granularity"], r["allocation"], r["finetune_epochs"], r["seed"])
+            for r in rows}  # fmt: skip
+
+
+@pytest.mark.slow
+@needs_data
+def test_workers_merge_the_shards(sweep_rows, tmp_path):
+    """--workers 2: the parent trains the dense model, runs shard 0/2, a child process runs
+    shard 1/2; the rows are those of one process, merged into --out."""
+    single, _, cache = sweep_rows
+    out = tmp_path / "small_cnn.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SELACT_CACHE", str(cache))
+        args = [
+            "sweep", "--task", "cifar10", "--model", "small_cnn", "--smoke", "--device", "cpu",
+            "--data", str(SHARED_DATA), "--out", str(out), "--run-dir", str(tmp_path / "run"),
+            "--max-finetunes", "2", "--workers", "2", "--time-budget", "600",
+        ]  # fmt: skip
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert _keys(rows) == _keys(single)
+    assert len(rows) == len(single)
+    assert len([r for r in rows if r["strategy"] == "dense" and not r["finetune_epochs"]]) == 1
+    assert {r.get("shard") for r in rows} == {None, "0/2", "1/2"}  # None: dense, zero_skip
+    assert len({r["dense_checkpoint"] for r in rows}) == 1
+    assert len({r["command"] for r in rows}) == 1 and len({r["commit"] for r in rows}) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "small_cnn.json"]  # no shards
+    assert (tmp_path / "run" / "shard1" / "sweep.log").stat().st_size > 0

@@ -137,6 +137,16 @@ class _Stop(Exception):
     pass
 
 
+def test_cuda_graph_is_a_no_op_off_cuda():
+    """``cuda_graph`` asks for CUDA graphs where they apply; on the CPU training is unchanged."""
+    task = create_task("toy")
+    config = CONFIG.replace(epochs=1, eval_every=0)
+    a = fit(task, _net(), config.replace(cuda_graph=True), progress=False)
+    b = fit(task, _net(), config, progress=False)
+    for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
     task = create_task("toy")
     straight = fit(task, _net(), CONFIG, run_dir=tmp_path / "a", progress=False)

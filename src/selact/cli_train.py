@@ -136,6 +136,13 @@ def train(
         float | None, typer.Option(help="Stretch the schedule over this many seconds.")
     ] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the training model.")] = False,
+    cuda_graph: Annotated[
+        bool | None,
+        typer.Option(
+            help="Replay forward and backward as CUDA graphs on one GPU (default: the recipe's: "
+            "on at full scale)."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of init, data order, augmentation.")] = 0,
     task_arg: TaskArg = None,
     run_dir: RunDir = None,
@@ -158,6 +165,7 @@ def train(
         amp=amp,
         time_limit=time_limit,
         compile=compile or None,
+        cuda_graph=cuda_graph,
         seed=seed,
     )
     run_dir = run_dir or Path("runs") / "train" / f"{task}-{model}-{scale}-s{seed}"
@@ -318,13 +326,43 @@ def sweep(
     run_dir: Annotated[str | None, typer.Option(help="Checkpoint folder.")] = None,
     resume: Annotated[bool, typer.Option(help="Reuse finished runs in run-dir.")] = True,
     progress: Progress = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Processes running jobs at once: after the dense model, N-1 more `selact sweep "
+            "--shard i/N` processes, their rows merged into --out.",
+        ),
+    ] = 1,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="I/K: run only the jobs j of the plan with j % K == I (0-based); I > 0 needs "
+            "--dense-checkpoint and writes no dense rows."
+        ),
+    ] = None,
+    mac_step: Annotated[
+        float, typer.Option(help="Budget search: MAC fraction saved per greedy step.")
+    ] = 0.01,
+    commit: Annotated[
+        str | None, typer.Option(help="Commit recorded in rows (default: $SELACT_COMMIT, git).")
+    ] = None,
+    command: Annotated[
+        str | None, typer.Option(hidden=True, help="Command recorded in rows.")
+    ] = None,
 ) -> None:
     """Dense, zero-skipping, SAPI/SAPW/random at several MAC targets, with and without
-    fine-tuning, and the dense fine-tuning control; writes one JSON row per result."""
+    fine-tuning, and the dense fine-tuning control; writes one JSON row per result.
+    --workers N runs the jobs in N processes once the dense model exists."""
     from selact.experiments.report import markdown, plot
-    from selact.experiments.sweep import SweepConfig, default_out, run_sweep
+    from selact.experiments.sweep import SweepConfig, default_out, parse_shard, run_sweep
 
     scale = "smoke" if smoke else scale
+    try:
+        parsed_shard = None if shard is None else parse_shard(shard)
+    except ValueError as err:
+        Console(stderr=True).print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from err
     config = SweepConfig(
         task=task,
         model=model,
@@ -338,9 +376,13 @@ def sweep(
         dense_share=dense_share,
         seeds=tuple(int(s) for s in seeds.split(",")),
         max_finetunes=max_finetunes,
-        command=_command(),
+        mac_step=mac_step,
+        command=_command() if command is None else command,
+        commit=commit,
         progress=progress,
         resume=resume,
+        workers=workers,
+        shard=parsed_shard,
     )
     try:
         rows = run_sweep(config)

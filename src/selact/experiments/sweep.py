@@ -14,6 +14,18 @@ at any point keeps what it finished):
      (distillation from the dense model, density schedule), then evaluation; and the *control*:
      the dense model fine-tuned with the same recipe and epochs.
 
+**Parallel jobs** (each job alone leaves a GPU mostly idle, waiting on Python): ``shard=(I, K)``
+(``--shard I/K``) runs only the jobs ``j`` of :func:`plan` with ``j % K == I`` (round robin, so
+every shard starts with high-priority work); a shard with ``I > 0`` loads ``dense_checkpoint`` and
+writes no ``dense``/``zero_skip`` rows. ``workers=N`` (``--workers N``) trains or loads the dense
+model and writes its rows, then starts N-1 processes ``python -m selact sweep ... --shard i/N``
+(out ``<out>.shard{i}.json``, run dir ``<run_dir>/shard{i}``, the budget left, logs on stderr
+prefixed ``[shard i]`` and in ``<run_dir>/shard{i}/sweep.log``), runs shard 0/N itself, waits for
+them (at most the budget left + 60 s, then stops them), appends their rows to ``out`` and deletes
+the shard files. A failed shard is logged and its rows so far are kept; if the parent itself is
+killed, the shard files stay on disk (merge them with ``selact report``). Job rows of a sharded
+run carry ``shard`` ("I/K").
+
 Settings are chosen on ``val`` only (the budget searches measure validation images); ``test``
 only reports. Seeds are fine-tuning seeds (data order, augmentation); one dense model per
 architecture. Accuracy is computed with the reference MGEMM backend, which defines results.
@@ -37,6 +49,8 @@ import json
 import logging
 import os
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,7 +76,16 @@ from selact.train import (
 )
 from selact.train.task import Task
 
-__all__ = ["Eval", "Finetune", "SweepConfig", "default_out", "plan", "run_sweep"]
+__all__ = [
+    "Eval",
+    "Finetune",
+    "SweepConfig",
+    "default_out",
+    "parse_shard",
+    "plan",
+    "run_sweep",
+    "shard_jobs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +111,8 @@ class SweepConfig:
     commit: str | None = None  # None: $SELACT_COMMIT, then git
     progress: bool = False
     resume: bool = True
+    workers: int = 1  # processes running jobs at once (see the module docstring)
+    shard: tuple[int, int] | None = None  # (I, K): only the jobs j of the plan with j % K == I
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -166,6 +191,62 @@ def plan(rec: Recipe, seeds: tuple[int, ...], scale: str = "full") -> list[Eval 
     return jobs
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/K"`` (``--shard``) as ``(I, K)``; ValueError unless ``0 <= I < K``."""
+    index, sep, count = text.strip().partition("/")
+    try:
+        shard = (int(index), int(count))
+    except ValueError:
+        shard = None
+    if not sep or shard is None:
+        raise ValueError(f"--shard {text!r}: expected I/K (shard I of K, 0-based), e.g. 1/4")
+    return _check_shard(shard)
+
+
+def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: needs 0 <= I < K (shard I of K, 0-based)")
+    return index, count
+
+
+def shard_jobs(jobs: list[Eval | Finetune], shard: tuple[int, int] | None) -> list[Eval | Finetune]:
+    """The jobs ``jobs[j]`` with ``j % K == I`` for ``shard=(I, K)`` (all of them for None), in
+    order: the shards 0..K-1 partition ``jobs``, each starting with high-priority work."""
+    if shard is None:
+        return list(jobs)
+    index, count = _check_shard(shard)
+    return [job for j, job in enumerate(jobs) if j % count == index]
+
+
+def _validate(config: SweepConfig) -> tuple[int, int] | None:
+    """Check ``workers`` and ``shard``; return the shard this process runs (None: every job)."""
+    if config.workers < 1:
+        raise ValueError(f"workers={config.workers}: needs at least 1")
+    if config.shard is not None:
+        if config.workers > 1:
+            raise ValueError("workers > 1 and shard cannot be combined")
+        index, count = _check_shard(tuple(config.shard))
+        if index > 0 and not config.dense_checkpoint:
+            raise ValueError(
+                f"shard {index}/{count} needs dense_checkpoint (--dense-checkpoint): only shard 0 "
+                "trains the dense model"
+            )
+        return index, count
+    return (0, config.workers) if config.workers > 1 else None
+
+
+def _jobs(rec: Recipe, config: SweepConfig, shard: tuple[int, int] | None) -> list[Eval | Finetune]:
+    """This process's jobs. Split into shards, ``max_finetunes`` keeps the first fine-tuning
+    jobs of the whole plan (in one process it counts the runs started)."""
+    jobs = plan(rec, config.seeds, config.scale)
+    if shard is not None and shard[1] > 1 and config.max_finetunes is not None:
+        finetunes = [i for i, job in enumerate(jobs) if isinstance(job, Finetune)]
+        drop = set(finetunes[config.max_finetunes :])
+        jobs = [job for i, job in enumerate(jobs) if i not in drop]
+    return shard_jobs(jobs, shard)
+
+
 def _commit(explicit: str | None) -> str:
     if explicit:
         return explicit
@@ -207,6 +288,162 @@ class _Rows:
             row["val_top1"],
         )
         return row
+
+    def extend(self, rows: list[dict[str, Any]]) -> None:
+        """Append finished rows (another shard's) as they are, in one write."""
+        self.rows.extend(rows)
+        atomic_write_text(self.path, json.dumps(self.rows, indent=1, default=float) + "\n")
+
+
+@dataclasses.dataclass
+class _Child:
+    """One shard running in a process of its own."""
+
+    shard: str
+    out: Path
+    log: Path
+    process: subprocess.Popen[str]
+    pump: threading.Thread
+
+
+def _child_args(
+    config: SweepConfig, commit: str, checkpoint: Path, out: Path, run_dir: Path, shard: str, budget
+) -> list[str]:
+    verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
+    return [
+        sys.executable, "-m", "selact", *(["-v"] if verbose else []), "sweep",
+        "--task", config.task, "--model", config.model, "--scale", config.scale,
+        *(["--data", str(config.data)] if config.data is not None else []),
+        "--device", config.device,
+        "--seeds", ",".join(str(seed) for seed in config.seeds),
+        "--mac-step", repr(config.mac_step),
+        *(["--max-finetunes", str(config.max_finetunes)] if config.max_finetunes is not None
+          else []),
+        "--commit", commit, "--command", config.command,
+        "--dense-checkpoint", str(checkpoint), "--shard", shard,
+        *(["--time-budget", f"{budget:.1f}"] if budget is not None else []),
+        "--out", str(out), "--run-dir", str(run_dir),
+        "--resume" if config.resume else "--no-resume", "--no-progress",
+    ]  # fmt: skip
+
+
+def _pump(stream: Any, prefix: str, log_path: Path, sink: Any) -> None:
+    """Copy a child's output to its log file and, prefixed, to ``sink`` (our stderr)."""
+    with open(log_path, "a", encoding="utf-8") as file:
+        for line in stream:
+            file.write(line)
+            file.flush()
+            try:
+                sink.write(prefix + line)
+                sink.flush()
+            except (OSError, ValueError):  # our stderr went away: the log file still has it
+                pass
+
+
+def _launch(
+    config: SweepConfig,
+    commit: str,
+    checkpoint: Path,
+    out: Path,
+    run_dir: Path,
+    left: float | None,
+    threads: int | None = None,
+) -> list[_Child]:
+    """Start shards 1..workers-1 as ``python -m selact sweep`` processes of their own."""
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    # The same code as ours, installed or not (PYTHONPATH=src setups, pytest's path).
+    src = str(Path(selact.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    children = []
+    for i in range(1, config.workers):
+        shard = f"{i}/{config.workers}"
+        child_out = out.with_suffix(f".shard{i}.json")
+        child_out.unlink(missing_ok=True)  # never merge a stale file from an earlier run
+        child_dir = run_dir / f"shard{i}"
+        child_dir.mkdir(parents=True, exist_ok=True)
+        args = _child_args(config, commit, checkpoint, child_out, child_dir, shard, left)
+        log.info("sweep: starting shard %s: %s", shard, " ".join(args))
+        process = subprocess.Popen(
+            args,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            bufsize=1,
+        )
+        pump = threading.Thread(
+            target=_pump,
+            args=(process.stdout, f"[shard {i}] ", child_dir / "sweep.log", sys.stderr),
+            daemon=True,
+        )
+        pump.start()
+        children.append(_Child(shard, child_out, child_dir / "sweep.log", process, pump))
+    return children
+
+
+def _stop(child: _Child) -> None:
+    if child.process.poll() is None:
+        child.process.terminate()
+        try:
+            child.process.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
+    child.pump.join(timeout=10.0)
+
+
+def _join(children: list[_Child], deadline: float | None) -> None:
+    """Wait for every child until ``deadline`` (:func:`time.monotonic`), then stop the rest."""
+    for child in children:
+        try:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            child.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.error(
+                "sweep: shard %s still running after its time budget; stopping it", child.shard
+            )
+        _stop(child)
+
+
+def _merge(rows: _Rows, children: list[_Child]) -> list[dict[str, Any]]:
+    """Append the children's rows to ``rows`` (one write), delete their files; the rows added."""
+    merged: list[dict[str, Any]] = []
+    done: list[Path] = []
+    for child in children:
+        code = child.process.returncode
+        if code != 0:
+            log.error(
+                "sweep: shard %s failed (exit %s; log %s); keeping the rows it wrote to %s",
+                child.shard,
+                code,
+                child.log,
+                child.out,
+            )
+        if not child.out.is_file():
+            log.info("sweep: shard %s wrote no rows", child.shard)
+            continue
+        try:
+            theirs = json.loads(child.out.read_text(encoding="utf-8"))
+            if not isinstance(theirs, list):
+                raise ValueError("not a list of rows")
+        except (OSError, ValueError) as err:
+            log.error(
+                "sweep: shard %s: cannot read %s (%s); left as it is", child.shard, child.out, err
+            )
+            continue
+        merged.extend(theirs)
+        done.append(child.out)
+    if merged:
+        rows.extend(merged)
+    for path in done:
+        path.unlink(missing_ok=True)
+    log.info("sweep: merged %d rows of %d shards into %s", len(merged), len(done), rows.path)
+    return merged
 
 
 def _now() -> str:
@@ -310,8 +547,10 @@ def _logged(what: str) -> Iterator[None]:
 def run_sweep(
     config: SweepConfig, on_row: Callable[[dict[str, Any]], None] | None = None
 ) -> list[dict[str, Any]]:
-    """Run the sweep (see the module docstring); return the rows written."""
+    """Run the sweep (see the module docstring); return the rows written (with ``workers > 1``,
+    every shard's)."""
     clock = _Clock(config.time_budget)
+    shard = _validate(config)
     rec = recipe(config.model, config.scale)
     device = _device(config.device)
     out = Path(config.out) if config.out else default_out(config.task, config.model, config.scale)
@@ -363,6 +602,45 @@ def run_sweep(
     dense_sha = file_sha256(checkpoint) if checkpoint else None
     eval_config = rec.dense.replace(eval_batch_size=1000)
     common = {"dense_checkpoint": str(checkpoint), "dense_epochs_done": info.get("epochs_done")}
+    if shard is None or shard[0] == 0:
+        _dense_rows(task, dense, dense_config, info, dense_sha, common, eval_config, add)
+    children: list[_Child] = []
+    deadline: float | None = None
+    threads: int | None = None  # CPU threads per process (None: as they are)
+    if config.workers > 1:
+        if checkpoint is None:  # fit() saves into run_dir on the main process
+            raise RuntimeError("workers > 1: the dense model has no checkpoint to share")
+        if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            threads = max(1, torch.get_num_threads() // config.workers)  # the cores, shared
+        left = None if config.time_budget is None else max(1.0, clock.left())
+        children = _launch(config, base["commit"], checkpoint, out, run_dir, left, threads)
+        deadline = None if left is None else time.monotonic() + left + 60.0
+    if shard is not None:
+        rows.base["shard"] = f"{shard[0]}/{shard[1]}"
+    own_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        _run_jobs(
+            config, rec, task, dense, dense_config, info, dense_sha, common, eval_config, run_dir,
+            clock, add, shard,
+        )  # fmt: skip
+    except BaseException:
+        for child in children:
+            _stop(child)
+        raise
+    finally:
+        torch.set_num_threads(own_threads)
+    if children:
+        _join(children, deadline)
+        for row in _merge(rows, children):
+            if on_row is not None:
+                on_row(row)
+    return rows.rows
+
+
+def _dense_rows(task, dense, dense_config, info, dense_sha, common, eval_config, add) -> None:
+    """The rows ``dense`` (every MAC counted) and ``zero_skip`` of the dense model."""
     add(
         {
             "strategy": "dense",
@@ -399,7 +677,13 @@ def run_sweep(
     )
     del zero_skip
 
-    # 2. Jobs, in priority order, while time is left.
+
+def _run_jobs(
+    config, rec, task, dense, dense_config, info, dense_sha, common, eval_config, run_dir, clock,
+    add, shard,
+) -> None:  # fmt: skip
+    """2. This process's jobs, in priority order, while time is left."""
+    device = _device(config.device)
     calib = _calibration(task, rec)
     targets = rec.all_targets()
     searches: dict[tuple[str, str, str], dict[float, BudgetResult]] = {}
@@ -445,7 +729,7 @@ def run_sweep(
     ft_seconds_per_epoch: float | None = None
     dense_epoch = _epoch_seconds(info)
     finetunes = 0
-    for job in plan(rec, config.seeds, config.scale):
+    for job in _jobs(rec, config, shard):
         if isinstance(job, Finetune):
             if config.max_finetunes is not None and finetunes >= config.max_finetunes:
                 continue
@@ -491,7 +775,6 @@ def run_sweep(
                             **_measure(task, model, eval_config),
                         }
                     )
-    return rows.rows
 
 
 def base_ft(common: dict[str, Any], dense_sha: str | None) -> dict[str, Any]:

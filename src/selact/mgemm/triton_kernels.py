@@ -149,7 +149,8 @@ def _rows_kernel(
         if HAS_MASK:
             keep_next = keep_next & (tl.load(m_row + offs_k, mask=k_ok, other=0) != 0)
         acc += xv.to(tl.float32)[:, None] * w.to(tl.float32)
-        xv, keep = x_next, keep_next
+        xv = x_next
+        keep = keep_next
     out = tl.sum(acc, axis=0)
     if SPLIT_K == 1:
         if HAS_BIAS:
