@@ -68,16 +68,19 @@ def test_interpreted_triton_is_never_chosen_automatically():
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the tuner tries every candidate")
-@pytest.mark.parametrize("split", [1, 2, 4])
+@pytest.mark.parametrize(
+    ("split", "ahead"), [(1, False), (2, False), (4, False), (1, True), (3, True)]
+)
 @pytest.mark.parametrize("rows", [1, 2, 16, 17])
-def test_every_k_split_of_the_interpreted_kernels(rows, split, monkeypatch):
-    """Both input-masked kernels with each K split (partial sums added by a second kernel),
-    bias included, against the reference; the interpreter runs the first candidate only."""
+def test_every_k_split_of_the_interpreted_kernels(rows, split, ahead, monkeypatch):
+    """Both input-masked kernels with each K split (partial sums added by a second kernel), the
+    GEMV with its weights loaded one block ahead or not, bias included, against the reference;
+    the interpreter runs the first candidate only."""
     from selact.mgemm import triton_kernels
     from selact.mgemm.triton_kernels import Tiles
 
     monkeypatch.setattr(triton_kernels, "_CHOSEN", {})
-    monkeypatch.setattr(triton_kernels, "ROWS_TILES", [Tiles(32, 32, split)])
+    monkeypatch.setattr(triton_kernels, "ROWS_TILES", [Tiles(32, 32, split, ahead=ahead)])
     monkeypatch.setattr(triton_kernels, "SHARED_TILES", [Tiles(32, 32, split, block_m=16)])
     g = torch.Generator().manual_seed(rows + 10 * split)
     x = torch.randn(rows, 200, generator=g).clamp_min(-0.3)

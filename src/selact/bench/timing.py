@@ -5,7 +5,10 @@ processes shifts them alike and their ratios stay meaningful. Each route cycles 
 inputs and masks, as a layer sees new ones every call (a fixed mask would keep its kept weights
 in cache and flatter the sparse kernels), and reads its own copy of the weights: between two calls
 of one route the others' traffic evicts its data, as the other layers of a model do. On the GPU
-the L2 cache is flushed before each timed call, for the same reason.
+the L2 cache is emptied before each timed call, for the same reason, by *reading* a buffer larger
+than it: a flush by writing (``buffer.zero_()``, as ``triton.testing.do_bench`` does) leaves the
+L2 full of dirty lines, whose write-back the timed call would pay for, dense or sparse alike (a
+cost of the flush, not of the layer; docs/kernels.md compares the two on an H100).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-#: Bytes written to flush the GPU's L2 between timed calls (H100/H200 L2: 50-60 MB).
+#: Bytes read to empty the GPU's L2 between timed calls (H100/H200 L2: 50-60 MB).
 L2_FLUSH_BYTES = 256 << 20
 
 
@@ -45,11 +48,12 @@ def _cpu_time(call: Callable[[], object]) -> float:
 
 
 def _cuda_timer() -> Callable[[Callable[[], object]], float]:
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    flush = torch.zeros(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
+    total = torch.empty((), dtype=torch.float32, device="cuda")
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def time_one(call: Callable[[], object]) -> float:
-        flush.zero_()
+        torch.sum(flush, dim=0, out=total)  # reads 256 MB: the L2 holds clean lines only
         start.record()
         call()
         end.record()

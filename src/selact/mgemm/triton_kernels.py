@@ -44,6 +44,7 @@ class Tiles:
     block_m: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    ahead: bool = False  # GEMV: load the next block's weights before using the current one's
 
 
 #: Candidates per kernel, the first being the interpreter's (and SELACT_TRITON_AUTOTUNE=0's).
@@ -55,6 +56,12 @@ ROWS_TILES = [
         (64, 64, 2, 4), (64, 128, 2, 8), (128, 64, 2, 4), (128, 128, 2, 8),
         (64, 64, 4, 4), (128, 64, 4, 4), (128, 128, 4, 8), (256, 32, 4, 4),
         (64, 32, 8, 4), (128, 32, 8, 4), (256, 64, 8, 8),
+    ]),
+    *(Tiles(n, k, s, num_warps=w, num_stages=st, ahead=a) for n, k, s, w, st, a in [
+        (32, 128, 1, 4, 3, False), (32, 128, 1, 4, 4, False), (64, 128, 1, 8, 3, False),
+        (32, 128, 1, 4, 2, True), (32, 64, 1, 4, 2, True), (64, 64, 1, 4, 2, True),
+        (64, 128, 1, 8, 2, True), (32, 128, 2, 4, 2, True), (64, 64, 2, 4, 2, True),
+        (128, 64, 2, 8, 2, True), (64, 64, 4, 4, 2, True),
     ]),
 ]  # fmt: skip
 #: Shared-mask GEMM: one block of rows for up to 64 rows (each block re-reads the kept weights).
@@ -114,7 +121,7 @@ def _launch_options(tiles: Tiles) -> dict[str, int]:
 def _rows_kernel(
     x_ptr, m_ptr, wt_ptr, b_ptr, y_ptr, K, N, stride_x, stride_m, stride_w, stride_y, stride_s,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, AHEAD: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -135,22 +142,36 @@ def _rows_kernel(
     keep = k_ok & (xv != 0)
     if HAS_MASK:
         keep = keep & (tl.load(m_row + offs_k, mask=k_ok, other=0) != 0)
-    for _ in range(k_begin, k_end, BLOCK_K):
-        w = tl.load(  # the rows of dropped or zero inputs are never read
-            wt_ptr + offs_k[:, None] * stride_w + offs_n[None, :],
-            mask=keep[:, None] & n_ok[None, :],
-            other=0.0,
+    w_ptrs = wt_ptr + offs_n[None, :]
+    if AHEAD:  # the first block's weights before the loop; each step then loads the next one's
+        w = tl.load(
+            w_ptrs + offs_k[:, None] * stride_w, mask=keep[:, None] & n_ok[None, :], other=0.0
         )
+    for _ in range(k_begin, k_end, BLOCK_K):
         # the next block's inputs and mask, loaded while the weights are on their way
-        offs_k += BLOCK_K
-        k_ok = offs_k < k_end
-        x_next = tl.load(x_row + offs_k, mask=k_ok, other=0.0)
+        offs_next = offs_k + BLOCK_K
+        k_ok = offs_next < k_end
+        x_next = tl.load(x_row + offs_next, mask=k_ok, other=0.0)
         keep_next = k_ok & (x_next != 0)
         if HAS_MASK:
-            keep_next = keep_next & (tl.load(m_row + offs_k, mask=k_ok, other=0) != 0)
-        acc += xv.to(tl.float32)[:, None] * w.to(tl.float32)
+            keep_next = keep_next & (tl.load(m_row + offs_next, mask=k_ok, other=0) != 0)
+        # the rows of dropped or zero inputs are never read
+        if AHEAD:  # two blocks of weights in flight
+            w_next = tl.load(
+                w_ptrs + offs_next[:, None] * stride_w,
+                mask=keep_next[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            acc += xv.to(tl.float32)[:, None] * w.to(tl.float32)
+            w = w_next
+        else:
+            w_now = tl.load(
+                w_ptrs + offs_k[:, None] * stride_w, mask=keep[:, None] & n_ok[None, :], other=0.0
+            )
+            acc += xv.to(tl.float32)[:, None] * w_now.to(tl.float32)
         xv = x_next
         keep = keep_next
+        offs_k = offs_next
     out = tl.sum(acc, axis=0)
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -306,7 +327,7 @@ def rows_linear(x2, mask, wt, bias):
             x2.stride(0), stride_m, wt.stride(0), n, target.stride(0) if tiles.split_k > 1 else 0,
             HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
             BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, SPLIT_K=tiles.split_k,
-            **_launch_options(tiles),
+            AHEAD=tiles.ahead, **_launch_options(tiles),
         )  # fmt: skip
         _sum_splits(target, bias, y, tiles)
         return y
