@@ -68,15 +68,21 @@ for MODEL in $MODELS; do
   if [ -n "${DENSE_DIR:-}" ] && [ -f "$DENSE_DIR/$MODEL/dense/model.safetensors" ]; then
     DENSE=(--dense-checkpoint "$DENSE_DIR/$MODEL/dense/model.safetensors")
   fi
-  # Process start-up (imports, tensors to the GPU) takes about 10 s of the sweep's time.
+  # Process start-up (imports, tensors to the GPU) takes about 10 s of the sweep's time; 30 s
+  # are kept for its last evaluations and the merge of its workers' rows.
   timeout -k 5 "$LEFT" python -m selact -v sweep --task cifar10 --model "$MODEL" \
-    --data "$ARCHIVE" --time-budget $(( LEFT - 12 )) --dense-share "$(share "$MODEL")" \
+    --data "$ARCHIVE" --time-budget $(( LEFT - 30 )) --dense-share "$(share "$MODEL")" \
     --out "$OUT/$MODEL.json" --run-dir "$RUNS/$MODEL" --no-resume "${DENSE[@]}" $SWEEP_ARGS \
     > >(sed -u "s/^/[$MODEL] /" >> "$LOG") 2>&1 &
   PIDS+=($!)
 done
 for PID in "${PIDS[@]}"; do
   wait "$PID"; echo "sweep process $PID exited with $? after $(elapsed)s" >> "$LOG"
+done
+# A sweep stopped before merging its workers' rows leaves <model>.shard*.json: merge them here.
+for MODEL in $MODELS; do
+  python -c "from selact.experiments.sweep import merge_shard_files as m; m('$OUT/$MODEL.json')" \
+    >> "$LOG" 2>&1 || echo "could not merge $OUT/$MODEL.shard*.json" >> "$LOG"
 done
 
 # The dense checkpoints that fit the return limit (16 MiB a file) come back as one archive.

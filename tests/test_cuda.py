@@ -52,13 +52,16 @@ def test_mask_on_wrong_device_is_refused():
         )
 
 
-def _assert_same_output(actual, expected, dtype):
-    # A deep model's bf16 outputs differ elementwise with the order of roundings (measured on an
-    # H200: 1 of 2000 vit_b_16 logits 0.065 apart, after 12 blocks), so bf16 is compared by the
-    # relative norm of the difference; float32 elementwise.
+def _assert_same_output(actual, expected, exact, dtype):
+    """``actual`` (selective at density 1.0) reproduces ``expected`` (dense, same dtype). In bf16 a
+    deep model's outputs move with the order of roundings (a ViT-B/16's logits 1.4 % apart in norm
+    on an H100, after 12 blocks), so there the selective model must be as close to the float32
+    model ``exact`` as the dense bf16 model is (within half again its error); float32 and float16
+    are compared elementwise."""
     if dtype == torch.bfloat16:
-        error = float((actual - expected).float().norm() / expected.float().norm())
-        assert error < 1e-2, f"relative difference {error:.2e}"
+        error = float((actual.float() - exact).norm() / exact.norm())
+        dense_error = float((expected.float() - exact).norm() / exact.norm())
+        assert error <= 1.5 * dense_error + 1e-3, f"{error:.2e} against dense {dense_error:.2e}"
     else:
         torch.testing.assert_close(actual, expected, rtol=TOL[dtype], atol=TOL[dtype])
 
@@ -67,11 +70,13 @@ def _assert_same_output(actual, expected, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_converted_models_on_cuda(name, dtype):
     model, x = build(name)
-    model, x = model.cuda().to(dtype), x.cuda().to(dtype)
+    model, x = model.cuda(), x.cuda()
     with torch.no_grad():
+        exact = model(x).float()
+        model, x = model.to(dtype), x.to(dtype)
         dense = model(x)
         selact.sparsify(model, density=1.0, strategy="sapw")
-        _assert_same_output(model(x), dense, dtype)
+        _assert_same_output(model(x), dense, exact, dtype)
         selact.densify(model)
         selact.sparsify(model, density=0.5, key_density=0.5, check_finite=False)
         sparse = model(x)

@@ -23,6 +23,7 @@ from selact.experiments.sweep import (
     _Child,
     _merge,
     _Rows,
+    merge_shard_files,
     parse_shard,
     plan,
     run_sweep,
@@ -209,6 +210,20 @@ def test_merge_keeps_a_failed_shards_rows(tmp_path, caplog):
     assert json.loads((tmp_path / "rows.json").read_text()) == rows.rows and len(rows.rows) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]
     assert "shard 1/4 failed (exit 3" in caplog.text and "rows.shard1.json" in caplog.text
+
+
+def test_merge_shard_files_adds_leftover_shards(tmp_path):
+    """A sweep killed before its merge leaves shard files; merge_shard_files appends them."""
+    out = tmp_path / "m.json"
+    out.write_text(json.dumps([{"strategy": "dense"}]))
+    for i in (2, 1):
+        (tmp_path / f"m.shard{i}.json").write_text(json.dumps([{"strategy": "sapi", "i": i}]))
+    (tmp_path / "m.shard3.json").write_text("{broken")  # unreadable: left where it is
+    assert merge_shard_files(out) == 2
+    rows = json.loads(out.read_text())
+    assert [r.get("i") for r in rows] == [None, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.shard3.json"]
+    assert merge_shard_files(tmp_path / "none.json") == 0
 
 
 def _keys(rows):

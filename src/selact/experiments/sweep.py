@@ -21,9 +21,9 @@ writes no ``dense``/``zero_skip`` rows. ``workers=N`` (``--workers N``) trains o
 model and writes its rows, then starts N-1 processes ``python -m selact sweep ... --shard i/N``
 (out ``<out>.shard{i}.json``, run dir ``<run_dir>/shard{i}``, the budget left, logs on stderr
 prefixed ``[shard i]`` and in ``<run_dir>/shard{i}/sweep.log``), runs shard 0/N itself, waits for
-them (at most the budget left + 60 s, then stops them), appends their rows to ``out`` and deletes
-the shard files. A failed shard is logged and its rows so far are kept; if the parent itself is
-killed, the shard files stay on disk (merge them with ``selact report``). Job rows of a sharded
+them (until its own budget ends, then stops them; they are given CHILD_MARGIN seconds less),
+appends their rows to ``out`` and deletes the shard files. A failed shard is logged and its rows so far are kept; if the parent itself is
+killed, the shard files stay on disk (:func:`merge_shard_files` adds them to ``out``). Job rows of a sharded
 run carry ``shard`` ("I/K").
 
 Settings are chosen on ``val`` only (the budget searches measure validation images); ``test``
@@ -81,6 +81,7 @@ __all__ = [
     "Finetune",
     "SweepConfig",
     "default_out",
+    "merge_shard_files",
     "parse_shard",
     "plan",
     "run_sweep",
@@ -88,6 +89,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Seconds by which the children of ``workers > 1`` end before the parent's budget.
+CHILD_MARGIN = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,8 +416,6 @@ def _join(children: list[_Child], deadline: float | None) -> None:
 
 def _merge(rows: _Rows, children: list[_Child]) -> list[dict[str, Any]]:
     """Append the children's rows to ``rows`` (one write), delete their files; the rows added."""
-    merged: list[dict[str, Any]] = []
-    done: list[Path] = []
     for child in children:
         code = child.process.returncode
         if code != 0:
@@ -424,26 +426,40 @@ def _merge(rows: _Rows, children: list[_Child]) -> list[dict[str, Any]]:
                 child.log,
                 child.out,
             )
-        if not child.out.is_file():
-            log.info("sweep: shard %s wrote no rows", child.shard)
+    return _append_shards(rows, [child.out for child in children])
+
+
+def _append_shards(rows: _Rows, paths: list[Path]) -> list[dict[str, Any]]:
+    merged: list[dict[str, Any]] = []
+    done: list[Path] = []
+    for path in paths:
+        if not path.is_file():
+            log.info("sweep: %s: no rows", path)
             continue
         try:
-            theirs = json.loads(child.out.read_text(encoding="utf-8"))
+            theirs = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(theirs, list):
                 raise ValueError("not a list of rows")
         except (OSError, ValueError) as err:
-            log.error(
-                "sweep: shard %s: cannot read %s (%s); left as it is", child.shard, child.out, err
-            )
+            log.error("sweep: cannot read %s (%s); left as it is", path, err)
             continue
         merged.extend(theirs)
-        done.append(child.out)
+        done.append(path)
     if merged:
         rows.extend(merged)
     for path in done:
         path.unlink(missing_ok=True)
-    log.info("sweep: merged %d rows of %d shards into %s", len(merged), len(done), rows.path)
+    log.info("sweep: merged %d rows of %d shard files into %s", len(merged), len(done), rows.path)
     return merged
+
+
+def merge_shard_files(out: str | os.PathLike[str]) -> int:
+    """Add the rows of ``<out>.shard*.json`` (left by a sweep stopped before it merged them) to
+    ``out`` and delete those files; returns the number of rows added."""
+    out = Path(out)
+    paths = sorted(out.parent.glob(f"{out.stem}.shard*.json"))
+    keep = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else []
+    return len(_append_shards(_Rows(out, {}, keep), paths))
 
 
 def _now() -> str:
@@ -613,8 +629,11 @@ def run_sweep(
         if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             threads = max(1, torch.get_num_threads() // config.workers)  # the cores, shared
         left = None if config.time_budget is None else max(1.0, clock.left())
-        children = _launch(config, base["commit"], checkpoint, out, run_dir, left, threads)
-        deadline = None if left is None else time.monotonic() + left + 60.0
+        # Children end CHILD_MARGIN early: their last evaluations run long on a shared GPU, and
+        # the parent still has to merge their rows inside its own budget.
+        budget = None if left is None else max(1.0, left - CHILD_MARGIN)
+        children = _launch(config, base["commit"], checkpoint, out, run_dir, budget, threads)
+        deadline = None if left is None else time.monotonic() + left
     if shard is not None:
         rows.base["shard"] = f"{shard[0]}/{shard[1]}"
     own_threads = torch.get_num_threads()
