@@ -7,12 +7,12 @@ import json
 import os
 import platform
 import re
-import subprocess
 from pathlib import Path
 
 import torch
 
 from selact._files import atomic_write, atomic_write_text
+from selact._provenance import commit
 
 
 def machine() -> str:
@@ -35,21 +35,13 @@ def _cpu_model() -> str:
 
 
 def context() -> dict:
-    """What every row carries: machine, versions, commit and date. ``SELACT_COMMIT`` names the
-    commit where the checkout has no git history (a copy sent to a GPU machine)."""
-    commit = os.environ.get("SELACT_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
+    """What every row carries: machine, versions, commit (:func:`selact._provenance.commit`) and
+    date."""
     versions = f"torch {torch.__version__}, python {platform.python_version()}"
     return {
         "machine": machine(),
         "versions": versions,
-        "commit": commit,
+        "commit": commit(),
         "date": datetime.date.today().isoformat(),
     }
 

@@ -61,6 +61,7 @@ from torch import nn
 
 import selact
 from selact._files import atomic_write_text
+from selact._provenance import commit
 from selact.amu.budget import BudgetResult, apply_densities, budget_search, uniform_search
 from selact.experiments.recipes import Recipe, recipe
 from selact.models import create_model
@@ -249,24 +250,6 @@ def _jobs(rec: Recipe, config: SweepConfig, shard: tuple[int, int] | None) -> li
         drop = set(finetunes[config.max_finetunes :])
         jobs = [job for i, job in enumerate(jobs) if i not in drop]
     return shard_jobs(jobs, shard)
-
-
-def _commit(explicit: str | None) -> str:
-    if explicit:
-        return explicit
-    if os.environ.get("SELACT_COMMIT"):
-        return os.environ["SELACT_COMMIT"]
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "diff", "--quiet", "HEAD", "--", "."], cwd=here.parents[1], check=False
-        ).returncode
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 class _Rows:
@@ -587,7 +570,7 @@ def run_sweep(
         "scale": config.scale,
         "hardware": hardware(device),
         "command": config.command,
-        "commit": _commit(config.commit),
+        "commit": config.commit or commit(),
     }
     rows = _Rows(out, base, [])
     add = rows.add if on_row is None else (lambda r: on_row(rows.add(r)))

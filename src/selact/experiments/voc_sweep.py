@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 
 import selact
+from selact._provenance import commit
 from selact.config import SelectiveConfig
 from selact.models import create_model
 from selact.models.det import layer_filter
@@ -289,21 +289,6 @@ def _rows(config: SweepConfig) -> list[Row]:
     return rows
 
 
-def _commit() -> str:
-    if os.environ.get("SELACT_COMMIT"):
-        return os.environ["SELACT_COMMIT"]
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src"], capture_output=True, text=True
-        ).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _evaluate_row(
     task, dense: nn.Module, dense_sha: str, row: Row, config: SweepConfig, progress: bool
 ) -> tuple[dict[str, Any], nn.Module]:
@@ -405,7 +390,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, command: str = "") 
         "scale": config.scale,
         "hardware": hardware(task.device),
         "command": command,
-        "commit": _commit(),
+        "commit": commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "data": "VOC2007 test images, project split: train on train (3,961), report on val (991)"
         if config.train_limit is None
