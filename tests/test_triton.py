@@ -67,26 +67,34 @@ def test_interpreted_triton_is_never_chosen_automatically():
     assert mgemm.choose(case).name != "triton"
 
 
+VARIANTS = [  # (K split, weights one block ahead, kept rows listed first)
+    (1, False, False), (2, False, False), (4, False, False), (1, True, False), (3, True, False),
+    (1, False, True), (3, False, True),
+]  # fmt: skip
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the tuner tries every candidate")
-@pytest.mark.parametrize(
-    ("split", "ahead"), [(1, False), (2, False), (4, False), (1, True), (3, True)]
-)
+@pytest.mark.parametrize(("split", "ahead", "compact"), VARIANTS)
 @pytest.mark.parametrize("rows", [1, 2, 16, 17])
-def test_every_k_split_of_the_interpreted_kernels(rows, split, ahead, monkeypatch):
+def test_every_variant_of_the_interpreted_kernels(rows, split, ahead, compact, monkeypatch):
     """Both input-masked kernels with each K split (partial sums added by a second kernel), the
-    GEMV with its weights loaded one block ahead or not, bias included, against the reference;
-    the interpreter runs the first candidate only."""
+    GEMV with its weights loaded one block ahead or not, both walking every input or a list of the
+    kept ones, bias included, against the reference; the interpreter runs the first candidate."""
     from selact.mgemm import triton_kernels
     from selact.mgemm.triton_kernels import Tiles
 
     monkeypatch.setattr(triton_kernels, "_CHOSEN", {})
-    monkeypatch.setattr(triton_kernels, "ROWS_TILES", [Tiles(32, 32, split, ahead=ahead)])
-    monkeypatch.setattr(triton_kernels, "SHARED_TILES", [Tiles(32, 32, split, block_m=16)])
+    rows_tiles = Tiles(32, 32, split, ahead=ahead, compact=compact)
+    monkeypatch.setattr(triton_kernels, "ROWS_TILES", [rows_tiles])
+    shared_tiles = Tiles(32, 32, split, block_m=16, compact=compact)
+    monkeypatch.setattr(triton_kernels, "SHARED_TILES", [shared_tiles])
     g = torch.Generator().manual_seed(rows + 10 * split)
     x = torch.randn(rows, 200, generator=g).clamp_min(-0.3)
     w = torch.randn(50, 200, generator=g) / 14
     b = torch.randn(50, generator=g)
-    for mask in (torch.rand(200, generator=g) < 0.5, torch.rand(rows, 200, generator=g) < 0.5):
+    masks = [torch.rand(200, generator=g) < 0.5, torch.rand(rows, 200, generator=g) < 0.5]
+    masks += [torch.zeros(200, dtype=torch.bool), torch.ones(200, dtype=torch.bool)]
+    for mask in masks:
         if mask.dim() == 2 and rows > 2:
             continue  # per-row masks: at most 2 rows (triton_backend.MAX_ROWS)
         y, _ = mgemm.linear(x, w, b, in_mask=mask, backend="triton")
