@@ -2,7 +2,8 @@
 # One lent GPU's whole session in one call (the device tool lends 15 minutes a task, start-up
 # included): the CUDA/Triton tests and the kernel benchmark (scripts/gpu_kernels.sh), then the
 # CIFAR-10 sweeps of ResNet-20, VGG-16 and the ViT in the time left (scripts/gpu_cifar10.sh, each
-# sweep running its jobs in WORKERS processes after its dense model).
+# sweep running its jobs in WORKERS processes after its dense model: default 2; with 4 per model,
+# 12 processes on one H100 ran each job 3-5x slower than alone, for little more work done).
 #
 # Usage, from the repository root (PYTHONPATH=src; nothing is installed):
 #   bash scripts/gpu_all.sh ARCHIVE [TOTAL_SECONDS]     (default 570: inside a 600-second call)
@@ -20,5 +21,5 @@ OUT="$ROOT/kernels" TEST_SECONDS=${TEST_SECONDS:-90} BENCH_SECONDS=${BENCH_SECON
 rm -f "$ROOT"/kernels/*-kernels.md
 LEFT=$(( TOTAL - $(date +%s) + START ))
 echo "kernels done after $(( $(date +%s) - START ))s; CIFAR-10 gets ${LEFT}s"
-OUT="$ROOT/cifar10" PLOT=0 SWEEP_ARGS="--workers ${WORKERS:-4} ${SWEEP_ARGS:-}" \
+OUT="$ROOT/cifar10" PLOT=0 SWEEP_ARGS="--workers ${WORKERS:-2} ${SWEEP_ARGS:-}" \
   bash scripts/gpu_cifar10.sh "$ARCHIVE" "$LEFT"
