@@ -21,6 +21,7 @@ from selact.experiments.sweep import (
     SweepConfig,
     _calibration,
     _Child,
+    _dense_epoch_seconds,
     _merge,
     _Rows,
     merge_shard_files,
@@ -224,6 +225,19 @@ def test_merge_shard_files_adds_leftover_shards(tmp_path):
     assert [r.get("i") for r in rows] == [None, 1, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.shard3.json"]
     assert merge_shard_files(tmp_path / "none.json") == 0
+
+
+def test_dense_epoch_time_is_timed_here_for_a_checkpoint_from_elsewhere():
+    """A dense checkpoint from another machine (a GPU) does not set a CPU sweep's time plan."""
+    from selact.train import TrainConfig, hardware
+    from tests.test_train import _net
+
+    task = create_task("toy")
+    config = TrainConfig(batch_size=32, amp="off")
+    here = {"hardware": hardware("cpu"), "history": [{"seconds": 123.0}]}
+    assert _dense_epoch_seconds(here, task, _net(), config, "cpu") == 123.0
+    elsewhere = {**here, "hardware": "NVIDIA H100 80GB HBM3, torch 2.11.0+cu130"}
+    assert 0.0 < _dense_epoch_seconds(elsewhere, task, _net(), config, "cpu") < 30.0
 
 
 def _keys(rows):

@@ -729,14 +729,16 @@ def _run_jobs(
         }
 
     ft_seconds_per_epoch: float | None = None
-    dense_epoch = _epoch_seconds(info)
+    dense_epoch: list[float] = []  # seconds per dense epoch here, found at the first need
     finetunes = 0
     for job in _jobs(rec, config, shard):
         if isinstance(job, Finetune):
             if config.max_finetunes is not None and finetunes >= config.max_finetunes:
                 continue
             epochs = rec.finetune.epochs
-            per_epoch = ft_seconds_per_epoch or 2.5 * dense_epoch
+            if not ft_seconds_per_epoch and not dense_epoch:
+                dense_epoch.append(_dense_epoch_seconds(info, task, dense, rec.finetune, device))
+            per_epoch = ft_seconds_per_epoch or 2.5 * dense_epoch[0]
             need = epochs * per_epoch + 10.0
             if need > clock.left():
                 log.info("sweep: skipping %s (needs ~%.0f s, %.0f s left)", job, need, clock.left())
@@ -783,10 +785,32 @@ def base_ft(common: dict[str, Any], dense_sha: str | None) -> dict[str, Any]:
     return {**common, "dense_checkpoint_sha256": dense_sha}
 
 
-def _epoch_seconds(info: dict[str, Any]) -> float:
+def _dense_epoch_seconds(
+    info: dict[str, Any], task: Task, dense: nn.Module, config: TrainConfig, device: str
+) -> float:
+    """Seconds per epoch of dense training here: the dense run's own epochs if it ran on this
+    hardware, else timed on two training steps (a checkpoint trained on a GPU would otherwise have
+    a CPU sweep start fine-tuning runs it has no time for)."""
     history = info.get("history") or []
     seconds = [h["seconds"] for h in history if h.get("seconds")]
-    return sum(seconds) / len(seconds) if seconds else 10.0
+    if seconds and info.get("hardware") == hardware(device):
+        return sum(seconds) / len(seconds)
+    model = copy.deepcopy(dense).train()
+    loader = task.loader("train", batch_size=config.batch_size, train=True)
+    batches = iter(loader)
+    times = []
+    for _ in range(3):  # the first step warms up
+        batch = next(batches)
+        start = time.perf_counter()
+        with autocast(config, torch.device(device)):
+            loss = task.loss(model, batch)
+        loss.backward()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    estimate = min(times[1:]) * len(loader)
+    log.info("sweep: a dense epoch here takes about %.1f s (timed on 2 steps)", estimate)
+    return estimate
 
 
 def _finetune(job, task, dense, rec, config, run_dir, search, budget_fields, clock):
