@@ -53,6 +53,26 @@ def test_global_search_meets_targets(granularity):
     selact.densify(model)
 
 
+def test_lazy_global_search_meets_targets_with_fewer_passes():
+    """refresh > 1: lazy steps between full ones; the targets are met as by the plain search,
+    with fewer passes over the calibration batches; refresh=1 is the plain search."""
+    model = selact.sparsify(_net(), strategy="sapw", check_finite=False)
+    batches, targets = _batches(), [0.5, 0.3, 0.2]
+    plain = budget_search(model, batches, targets, mac_step=0.02)
+    lazy = budget_search(model, batches, targets, mac_step=0.02, refresh=5)
+    for p, q in zip(plain, lazy, strict=True):
+        assert q.executed_fraction <= q.target + 1e-9
+        apply_densities(model, q.densities)
+        assert independent_fraction(model, batches, _net()) == pytest.approx(
+            q.executed_fraction, abs=1e-9
+        )
+        assert q.sensitivity <= 2 * p.sensitivity + 1e-6
+    assert lazy[-1].evaluations < plain[-1].evaluations
+    assert budget_search(model, batches, targets, mac_step=0.02, refresh=1) == plain
+    with pytest.raises(ValueError, match="refresh"):
+        budget_search(model, batches, 0.5, refresh=0)
+
+
 def test_uniform_search_and_overrides():
     model = selact.sparsify(_net(), strategy="sapw", check_finite=False)
     batches = _batches()

@@ -189,6 +189,7 @@ def budget_search(
     max_density_step: float = 0.25,
     min_density: float = 0.02,
     deadline: float | None = None,
+    refresh: int = 1,
 ) -> list[BudgetResult]:
     """Greedy per-layer densities meeting each executed/dense MAC target (see the module doc).
 
@@ -206,6 +207,12 @@ def budget_search(
         max_density_step: the most one step may lower a layer's density.
         min_density: no layer goes below this density.
         deadline: a :func:`time.monotonic` time after which the search stops.
+        refresh: measure every layer's next cut once every ``refresh`` steps (1: every step, the
+            plain greedy search). In the steps between, the search is lazy (as CELF is): it
+            re-measures the layer whose last measured score is best, and takes its cut if the
+            fresh score still beats every other layer's last one; a layer just cut is
+            re-measured before it competes again. Each lazy step costs a pass or two instead of
+            one per layer; the scores it trusts are up to ``refresh - 1`` steps old.
 
     Returns:
         One :class:`BudgetResult` per target, in the order given. A target that cannot be met
@@ -215,6 +222,8 @@ def budget_search(
     targets_list = [float(targets)] if isinstance(targets, int | float) else list(targets)
     if not targets_list or not all(0.0 < t <= 1.0 for t in targets_list):
         raise ValueError(f"targets must be fractions in (0, 1], got {targets_list}")
+    if refresh < 1:
+        raise ValueError(f"refresh must be at least 1, got {refresh}")
     was_training = model.training
     model.eval()
     probe, densities, executed, distance = _prepare(model, batches, sensitivity)
@@ -228,6 +237,8 @@ def budget_search(
             t, dict(densities), executed, distance, "global", probe.evaluations
         )
 
+    scores: dict[str, float] = {}  # each layer's last measured score (lazy steps trust them)
+    step = 0
     try:
         pending = sorted(set(targets_list), reverse=True)
         while pending:
@@ -240,19 +251,12 @@ def budget_search(
                     log.warning("budget search: deadline passed before target %.4f", t)
                     record(t)
                 break
-            best, moves = None, {}
-            for name in probe.layers:
-                d = densities[name]
-                if d <= min_density + 1e-9:
-                    continue
-                step = mac_step * model_dense / max(1, probe.dense_macs[name])
-                moves[name] = round(max(min_density, d - min(max_density_step, step)), 6)
-                trial = {**densities, name: moves[name]}
-                e, s = probe.run(trial)
-                saved = executed - e
-                score = (s - distance) / saved if saved > 1e-12 else math.inf
-                if best is None or score < best[0]:
-                    best = (score, trial, e, s)
+            full = step % refresh == 0 or not scores
+            best, moves = _best_move(
+                probe, densities, executed, distance, scores, mac_step, model_dense,
+                max_density_step, min_density, full,
+            )  # fmt: skip
+            step += 1
             if best is None:  # every layer at min_density
                 for t in pending:
                     log.warning("budget search: target %.4f not reached (%.4f)", t, executed)
@@ -261,12 +265,54 @@ def budget_search(
             if not math.isfinite(best[0]):  # no single move saves MACs: move every layer
                 trial = {**densities, **moves}
                 best = (0.0, trial, *probe.run(trial))
+            moved = [name for name in densities if best[1][name] != densities[name]]
             _, densities, executed, distance = best
+            for name in moved:
+                scores.pop(name, None)  # its next cut is measured before it competes again
             log.debug("budget search: executed %.4f, sensitivity %.5f", executed, distance)
     finally:
         probe.restore()
         model.train(was_training)
     return [results[t] for t in targets_list]
+
+
+def _best_move(
+    probe, densities, executed, distance, scores, mac_step, model_dense, max_density_step,
+    min_density, full,
+):  # fmt: skip
+    """The cut to take: ``(score, densities, executed, distance)`` or None (every layer at
+    ``min_density``), and each layer's candidate density. ``full``: measure every layer's cut;
+    else measure lazily from the best last score (see :func:`budget_search`'s ``refresh``)."""
+    moves = {}
+    for name in probe.layers:
+        d = densities[name]
+        if d <= min_density + 1e-9:
+            scores.pop(name, None)
+            continue
+        step = mac_step * model_dense / max(1, probe.dense_macs[name])
+        moves[name] = round(max(min_density, d - min(max_density_step, step)), 6)
+
+    def measure(name):
+        trial = {**densities, name: moves[name]}
+        e, s = probe.run(trial)
+        saved = executed - e
+        score = (s - distance) / saved if saved > 1e-12 else math.inf
+        scores[name] = score
+        return score, trial, e, s
+
+    if full:
+        best = None
+        for name in moves:
+            candidate = measure(name)
+            if best is None or candidate[0] < best[0]:
+                best = candidate
+        return best, moves
+    while True:  # lazy: unmeasured layers first, then the best last score
+        name = min(moves, key=lambda n: scores.get(n, -math.inf))
+        candidate = measure(name)
+        others = [scores.get(n, -math.inf) for n in moves if n != name]
+        if not others or candidate[0] <= min(others):
+            return candidate, moves
 
 
 def uniform_search(
