@@ -133,6 +133,21 @@ def _launch_options(tiles: Tiles) -> dict[str, int]:
 
 
 @triton.jit
+def _store(
+    y_ptr, b_ptr, acc, offsets, ok, offs_n, n_ok, split, stride_s, HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    """The input-masked kernels' output: ``acc`` (+ bias) in the output's dtype, or, with a K
+    split, float32 partial sums at ``split`` (added by :func:`_sum_splits_kernel`)."""
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offsets, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(y_ptr + split * stride_s + offsets, acc, mask=ok)
+
+
+@triton.jit
 def _rows_kernel(
     x_ptr, m_ptr, wt_ptr, b_ptr, y_ptr, K, N, stride_x, stride_m, stride_w, stride_y, stride_s,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -188,12 +203,8 @@ def _rows_kernel(
         keep = keep_next
         offs_k = offs_next
     out = tl.sum(acc, axis=0)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * stride_y + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
-    else:  # partial sums, added by _sum_splits_kernel
-        tl.store(y_ptr + split * stride_s + row * stride_y + offs_n, out, mask=n_ok)
+    _store(y_ptr, b_ptr, out, row * stride_y + offs_n, n_ok, offs_n, n_ok, split, stride_s,
+           HAS_BIAS, SPLIT_K)  # fmt: skip
 
 
 @triton.jit
@@ -235,13 +246,8 @@ def _shared_kernel(
         acc += tl.dot(xv, w, input_precision="ieee")
         keep = keep_next
     ptrs = offs_m[:, None] * stride_y + offs_n[None, :]
-    ok = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
-    else:  # partial sums, added by _sum_splits_kernel
-        tl.store(y_ptr + split * stride_s + ptrs, acc, mask=ok)
+    _store(y_ptr, b_ptr, acc, ptrs, m_ok[:, None] & n_ok[None, :], offs_n, n_ok, split, stride_s,
+           HAS_BIAS, SPLIT_K)  # fmt: skip
 
 
 @triton.jit
@@ -302,12 +308,8 @@ def _listed_rows_kernel(
         acc += xv.to(tl.float32)[:, None] * w.to(tl.float32)
         ok = ok_next
     out = tl.sum(acc, axis=0)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * stride_y + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
-    else:  # partial sums, added by _sum_splits_kernel
-        tl.store(y_ptr + split * stride_s + row * stride_y + offs_n, out, mask=n_ok)
+    _store(y_ptr, b_ptr, out, row * stride_y + offs_n, n_ok, offs_n, n_ok, split, stride_s,
+           HAS_BIAS, SPLIT_K)  # fmt: skip
 
 
 @triton.jit
@@ -350,13 +352,8 @@ def _listed_shared_kernel(
         acc += tl.dot(xv, w, input_precision="ieee")
         ok = ok_next
     ptrs = offs_m[:, None] * stride_y + offs_n[None, :]
-    out_ok = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
-    else:  # partial sums, added by _sum_splits_kernel
-        tl.store(y_ptr + split * stride_s + ptrs, acc, mask=out_ok)
+    _store(y_ptr, b_ptr, acc, ptrs, m_ok[:, None] & n_ok[None, :], offs_n, n_ok, split, stride_s,
+           HAS_BIAS, SPLIT_K)  # fmt: skip
 
 
 @triton.jit
