@@ -704,6 +704,7 @@ def _run_jobs(
                         sensitivity=task.sensitivity,
                         mac_step=config.mac_step,
                         max_steps=rec.search_steps,
+                        refresh=rec.search_refresh,
                         deadline=clock.deadline(10.0),
                     )
                 else:
