@@ -148,47 +148,84 @@ def _store(
 
 
 @triton.jit
+def _row_block(x_row, m_row, idx_row, offs, end, HAS_MASK: tl.constexpr, LISTED: tl.constexpr):
+    """One block of a GEMV's walk, at positions ``offs`` (< ``end``): (input indices, their
+    values, which to use). The walk covers every input (kept: mask set, value nonzero) or, LISTED,
+    the kept inputs listed in ``idx_row`` by :func:`_kept_rows_kernel`."""
+    ok = offs < end
+    if LISTED:
+        ks = tl.load(idx_row + offs, mask=ok, other=0)
+        xv = tl.load(x_row + ks, mask=ok, other=0.0)
+        keep = ok
+    else:
+        ks = offs
+        xv = tl.load(x_row + offs, mask=ok, other=0.0)
+        keep = ok & (xv != 0)
+        if HAS_MASK:
+            keep = keep & (tl.load(m_row + offs, mask=ok, other=0) != 0)
+    return ks, xv, keep
+
+
+@triton.jit
+def _shared_block(m_ptr, idx_ptr, offs, end, HAS_MASK: tl.constexpr, LISTED: tl.constexpr):
+    """One block of the shared-mask GEMM's walk: (input indices, which to use), over every
+    input (kept: mask set) or, LISTED, over the kept inputs listed in ``idx_ptr``."""
+    ok = offs < end
+    if LISTED:
+        ks = tl.load(idx_ptr + offs, mask=ok, other=0)
+        keep = ok
+    else:
+        ks = offs
+        keep = ok
+        if HAS_MASK:
+            keep = keep & (tl.load(m_ptr + offs, mask=ok, other=0) != 0)
+    return ks, keep
+
+
+@triton.jit
+def _walk_range(count_ptr, K, split, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
+                LISTED: tl.constexpr):  # fmt: skip
+    """This K split's part [begin, end) of the walk: over K inputs, or over the ``count`` listed."""
+    if LISTED:
+        total = tl.load(count_ptr)
+    else:
+        total = K
+    per_split = tl.cdiv(tl.cdiv(total, SPLIT_K), BLOCK_K) * BLOCK_K
+    begin = split * per_split
+    return begin, tl.minimum(begin + per_split, total)
+
+
+@triton.jit
 def _rows_kernel(
-    x_ptr, m_ptr, wt_ptr, b_ptr, y_ptr, K, N, stride_x, stride_m, stride_w, stride_y, stride_s,
-    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, AHEAD: tl.constexpr,
+    x_ptr, m_ptr, idx_ptr, count_ptr, wt_ptr, b_ptr, y_ptr, K, N, stride_x, stride_m, stride_w,
+    stride_y, stride_s, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, AHEAD: tl.constexpr, LISTED: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     row = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    k_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_begin = split * k_split
-    k_end = tl.minimum(k_begin + k_split, K)
+    begin, end = _walk_range(count_ptr + row, K, split, SPLIT_K, BLOCK_K, LISTED)
     x_row = x_ptr + row * stride_x
     m_row = m_ptr + row * stride_m
+    idx_row = idx_ptr + row * K
     # A (BLOCK_K, BLOCK_N) accumulator, reduced over K once at the end: a reduction across
     # threads in every step would cost more than the loads it waits for.
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    offs_k = k_begin + tl.arange(0, BLOCK_K)
-    k_ok = offs_k < k_end
-    xv = tl.load(x_row + offs_k, mask=k_ok, other=0.0)
-    keep = k_ok & (xv != 0)
-    if HAS_MASK:
-        keep = keep & (tl.load(m_row + offs_k, mask=k_ok, other=0) != 0)
+    offs = begin + tl.arange(0, BLOCK_K)
+    ks, xv, keep = _row_block(x_row, m_row, idx_row, offs, end, HAS_MASK, LISTED)
     w_ptrs = wt_ptr + offs_n[None, :]
     if AHEAD:  # the first block's weights before the loop; each step then loads the next one's
-        w = tl.load(
-            w_ptrs + offs_k[:, None] * stride_w, mask=keep[:, None] & n_ok[None, :], other=0.0
-        )
-    for _ in range(k_begin, k_end, BLOCK_K):
-        # the next block's inputs and mask, loaded while the weights are on their way
-        offs_next = offs_k + BLOCK_K
-        k_ok = offs_next < k_end
-        x_next = tl.load(x_row + offs_next, mask=k_ok, other=0.0)
-        keep_next = k_ok & (x_next != 0)
-        if HAS_MASK:
-            keep_next = keep_next & (tl.load(m_row + offs_next, mask=k_ok, other=0) != 0)
+        w = tl.load(w_ptrs + ks[:, None] * stride_w, mask=keep[:, None] & n_ok[None, :], other=0.0)
+    for _ in range(begin, end, BLOCK_K):
+        # the next block's indices and inputs, loaded while the weights are on their way
+        offs += BLOCK_K
+        ks_next, x_next, keep_next = _row_block(x_row, m_row, idx_row, offs, end, HAS_MASK, LISTED)
         # the rows of dropped or zero inputs are never read
         if AHEAD:  # two blocks of weights in flight
             w_next = tl.load(
-                w_ptrs + offs_next[:, None] * stride_w,
+                w_ptrs + ks_next[:, None] * stride_w,
                 mask=keep_next[:, None] & n_ok[None, :],
                 other=0.0,
             )
@@ -196,12 +233,12 @@ def _rows_kernel(
             w = w_next
         else:
             w_now = tl.load(
-                w_ptrs + offs_k[:, None] * stride_w, mask=keep[:, None] & n_ok[None, :], other=0.0
+                w_ptrs + ks[:, None] * stride_w, mask=keep[:, None] & n_ok[None, :], other=0.0
             )
             acc += xv.to(tl.float32)[:, None] * w_now.to(tl.float32)
+        ks = ks_next
         xv = x_next
         keep = keep_next
-        offs_k = offs_next
     out = tl.sum(acc, axis=0)
     _store(y_ptr, b_ptr, out, row * stride_y + offs_n, n_ok, offs_n, n_ok, split, stride_s,
            HAS_BIAS, SPLIT_K)  # fmt: skip
@@ -209,41 +246,36 @@ def _rows_kernel(
 
 @triton.jit
 def _shared_kernel(
-    x_ptr, m_ptr, wt_ptr, b_ptr, y_ptr, R, K, N, stride_x, stride_w, stride_y, stride_s,
-    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    x_ptr, m_ptr, idx_ptr, count_ptr, wt_ptr, b_ptr, y_ptr, R, K, N, stride_x, stride_w, stride_y,
+    stride_s, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, LISTED: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
-    k_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < R
     n_ok = offs_n < N
+    begin, end = _walk_range(count_ptr, K, split, SPLIT_K, BLOCK_K, LISTED)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_begin = split * k_split
-    k_end = tl.minimum(k_begin + k_split, K)
-    offs_k = k_begin + tl.arange(0, BLOCK_K)
-    keep = offs_k < k_end
-    if HAS_MASK:
-        keep = keep & (tl.load(m_ptr + offs_k, mask=keep, other=0) != 0)
-    for _ in range(k_begin, k_end, BLOCK_K):
+    offs = begin + tl.arange(0, BLOCK_K)
+    ks, keep = _shared_block(m_ptr, idx_ptr, offs, end, HAS_MASK, LISTED)
+    for _ in range(begin, end, BLOCK_K):
         xv = tl.load(
-            x_ptr + offs_m[:, None] * stride_x + offs_k[None, :],
+            x_ptr + offs_m[:, None] * stride_x + ks[None, :],
             mask=m_ok[:, None] & keep[None, :],
             other=0.0,
         )
         w = tl.load(
-            wt_ptr + offs_k[:, None] * stride_w + offs_n[None, :],
+            wt_ptr + ks[:, None] * stride_w + offs_n[None, :],
             mask=keep[:, None] & n_ok[None, :],
             other=0.0,
         )
-        offs_k += BLOCK_K  # the next block's mask, loaded while the weights are on their way
-        keep_next = offs_k < k_end
-        if HAS_MASK:
-            keep_next = keep_next & (tl.load(m_ptr + offs_k, mask=keep_next, other=0) != 0)
+        offs += BLOCK_K  # the next block's indices, loaded while the weights are on their way
+        ks_next, keep_next = _shared_block(m_ptr, idx_ptr, offs, end, HAS_MASK, LISTED)
         acc += tl.dot(xv, w, input_precision="ieee")
+        ks = ks_next
         keep = keep_next
     ptrs = offs_m[:, None] * stride_y + offs_n[None, :]
     _store(y_ptr, b_ptr, acc, ptrs, m_ok[:, None] & n_ok[None, :], offs_n, n_ok, split, stride_s,
@@ -271,89 +303,6 @@ def _kept_rows_kernel(
         tl.store(idx_ptr + row * K + slots, offs, mask=keep)
         total += tl.sum(flags, 0)
     tl.store(count_ptr + row + tl.arange(0, 1), total)
-
-
-@triton.jit
-def _listed_rows_kernel(
-    x_ptr, idx_ptr, count_ptr, wt_ptr, b_ptr, y_ptr, K, N, stride_x, stride_w, stride_y,
-    stride_s, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-):  # fmt: skip
-    """The GEMV of :func:`_rows_kernel` over the kept inputs listed by :func:`_kept_rows_kernel`:
-    every step covers BLOCK_K kept rows, so the walk shortens with the density."""
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    row = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    count = tl.load(count_ptr + row)
-    per_split = tl.cdiv(tl.cdiv(count, SPLIT_K), BLOCK_K) * BLOCK_K
-    j_begin = split * per_split
-    j_end = tl.minimum(j_begin + per_split, count)
-    listed = idx_ptr + row * K
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    offs_j = j_begin + tl.arange(0, BLOCK_K)
-    ok = offs_j < j_end
-    ks = tl.load(listed + offs_j, mask=ok, other=0)
-    for _ in range(j_begin, j_end, BLOCK_K):
-        xv = tl.load(x_ptr + row * stride_x + ks, mask=ok, other=0.0)
-        w = tl.load(
-            wt_ptr + ks[:, None] * stride_w + offs_n[None, :],
-            mask=ok[:, None] & n_ok[None, :],
-            other=0.0,
-        )
-        offs_j += BLOCK_K  # the next block's indices, loaded while the weights are on their way
-        ok_next = offs_j < j_end
-        ks = tl.load(listed + offs_j, mask=ok_next, other=0)
-        acc += xv.to(tl.float32)[:, None] * w.to(tl.float32)
-        ok = ok_next
-    out = tl.sum(acc, axis=0)
-    _store(y_ptr, b_ptr, out, row * stride_y + offs_n, n_ok, offs_n, n_ok, split, stride_s,
-           HAS_BIAS, SPLIT_K)  # fmt: skip
-
-
-@triton.jit
-def _listed_shared_kernel(
-    x_ptr, idx_ptr, count_ptr, wt_ptr, b_ptr, y_ptr, R, N, stride_x, stride_w, stride_y,
-    stride_s, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-):  # fmt: skip
-    """The shared-mask GEMM of :func:`_shared_kernel` over the kept inputs listed by
-    :func:`_kept_rows_kernel` (one list for all rows)."""
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < R
-    n_ok = offs_n < N
-    count = tl.load(count_ptr)
-    per_split = tl.cdiv(tl.cdiv(count, SPLIT_K), BLOCK_K) * BLOCK_K
-    j_begin = split * per_split
-    j_end = tl.minimum(j_begin + per_split, count)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    offs_j = j_begin + tl.arange(0, BLOCK_K)
-    ok = offs_j < j_end
-    ks = tl.load(idx_ptr + offs_j, mask=ok, other=0)
-    for _ in range(j_begin, j_end, BLOCK_K):
-        xv = tl.load(
-            x_ptr + offs_m[:, None] * stride_x + ks[None, :],
-            mask=m_ok[:, None] & ok[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            wt_ptr + ks[:, None] * stride_w + offs_n[None, :],
-            mask=ok[:, None] & n_ok[None, :],
-            other=0.0,
-        )
-        offs_j += BLOCK_K  # the next block's indices, loaded while the weights are on their way
-        ok_next = offs_j < j_end
-        ks = tl.load(idx_ptr + offs_j, mask=ok_next, other=0)
-        acc += tl.dot(xv, w, input_precision="ieee")
-        ok = ok_next
-    ptrs = offs_m[:, None] * stride_y + offs_n[None, :]
-    _store(y_ptr, b_ptr, acc, ptrs, m_ok[:, None] & n_ok[None, :], offs_n, n_ok, split, stride_s,
-           HAS_BIAS, SPLIT_K)  # fmt: skip
 
 
 @triton.jit
@@ -462,22 +411,16 @@ def rows_linear(x2, mask, wt, bias):
         y, target = _split_output(x2, r, n, tiles)
         grid = (triton.cdiv(n, tiles.block_n), tiles.split_k, r)
         stride_s = target.stride(0) if tiles.split_k > 1 else 0
+        idx = count = x2  # unused unless listed
         if tiles.compact:
             idx, count = _kept_rows(x2, m, r, stride_m, mask is not None, skip_zeros=True)
-            _listed_rows_kernel[grid](
-                x2, idx, count, wt, bias if bias is not None else x2, target, k, n,
-                x2.stride(0), wt.stride(0), n, stride_s, HAS_BIAS=bias is not None,
-                BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, SPLIT_K=tiles.split_k,
-                **_launch_options(tiles),
-            )  # fmt: skip
-        else:
-            _rows_kernel[grid](
-                x2, m, wt, bias if bias is not None else x2, target, k, n,
-                x2.stride(0), stride_m, wt.stride(0), n, stride_s,
-                HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-                BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, SPLIT_K=tiles.split_k,
-                AHEAD=tiles.ahead, **_launch_options(tiles),
-            )  # fmt: skip
+        _rows_kernel[grid](
+            x2, m, idx, count, wt, bias if bias is not None else x2, target, k, n,
+            x2.stride(0), stride_m, wt.stride(0), n, stride_s,
+            HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
+            BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, SPLIT_K=tiles.split_k,
+            AHEAD=tiles.ahead, LISTED=tiles.compact, **_launch_options(tiles),
+        )  # fmt: skip
         _sum_splits(target, bias, y, tiles)
         return y
 
@@ -495,22 +438,16 @@ def shared_linear(x2, mask, wt, bias):
         y, target = _split_output(x2, r, n, tiles)
         grid = (triton.cdiv(n, tiles.block_n), tiles.split_k, triton.cdiv(r, tiles.block_m))
         stride_s = target.stride(0) if tiles.split_k > 1 else 0
+        idx = count = x2  # unused unless listed
         if tiles.compact:
             idx, count = _kept_rows(x2, m, 1, 0, mask is not None, skip_zeros=False)
-            _listed_shared_kernel[grid](
-                x2, idx, count, wt, bias if bias is not None else x2, target, r, n,
-                x2.stride(0), wt.stride(0), n, stride_s, HAS_BIAS=bias is not None,
-                BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n,
-                SPLIT_K=tiles.split_k, **_launch_options(tiles),
-            )  # fmt: skip
-        else:
-            _shared_kernel[grid](
-                x2, m, wt, bias if bias is not None else x2, target, r, k, n,
-                x2.stride(0), wt.stride(0), n, stride_s,
-                HAS_MASK=mask is not None, HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
-                BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, SPLIT_K=tiles.split_k,
-                **_launch_options(tiles),
-            )  # fmt: skip
+        _shared_kernel[grid](
+            x2, m, idx, count, wt, bias if bias is not None else x2, target, r, k, n,
+            x2.stride(0), wt.stride(0), n, stride_s,
+            HAS_MASK=mask is not None, HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
+            BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, SPLIT_K=tiles.split_k,
+            LISTED=tiles.compact, **_launch_options(tiles),
+        )  # fmt: skip
         _sum_splits(target, bias, y, tiles)
         return y
 
