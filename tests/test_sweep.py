@@ -4,6 +4,7 @@ density 1.0 equal to dense, the report, and no smoke output under results/."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -247,10 +248,12 @@ def _keys(rows):
 
 @pytest.mark.slow
 @needs_data
-def test_workers_merge_the_shards(sweep_rows, tmp_path):
+def test_workers_merge_the_shards(sweep_rows, tmp_path, caplog):
     """--workers 2: the parent trains the dense model, runs shard 0/2, a child process runs
-    shard 1/2; the rows are those of one process, merged into --out."""
+    shard 1/2; the rows are those of one process, merged into --out; each budget search runs in
+    one of the two processes."""
     single, _, cache = sweep_rows
+    caplog.set_level(logging.INFO)  # the parent's log here, and the child runs with -v
     out = tmp_path / "small_cnn.json"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SELACT_CACHE", str(cache))
@@ -269,4 +272,10 @@ def test_workers_merge_the_shards(sweep_rows, tmp_path):
     assert len({r["dense_checkpoint"] for r in rows}) == 1
     assert len({r["command"] for r in rows}) == 1 and len({r["commit"] for r in rows}) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "small_cnn.json"]  # no shards
-    assert (tmp_path / "run" / "shard1" / "sweep.log").stat().st_size > 0
+    child_log = (tmp_path / "run" / "shard1" / "sweep.log").read_text()
+    assert child_log
+    # Both shards start with jobs needing SAPI's global search: one process runs it.
+    ran = caplog.text.count("search ('sapi', 'element', 'global'):")
+    ran += child_log.count("search ('sapi', 'element', 'global'):")
+    assert ran == 1, caplog.text + child_log
+    assert (tmp_path / "run" / "searches" / "sapi-element-global.json").is_file()

@@ -341,6 +341,10 @@ def sweep(
             "--dense-checkpoint and writes no dense rows."
         ),
     ] = None,
+    search_dir: Annotated[
+        str | None,
+        typer.Option(help="Budget searches shared by the shards (default <run-dir>/searches)."),
+    ] = None,
     mac_step: Annotated[
         float, typer.Option(help="Budget search: MAC fraction saved per greedy step.")
     ] = 0.01,
@@ -383,6 +387,7 @@ def sweep(
         resume=resume,
         workers=workers,
         shard=parsed_shard,
+        search_dir=search_dir,
     )
     try:
         rows = run_sweep(config)

@@ -22,6 +22,8 @@ model and writes its rows, then starts N-1 processes ``python -m selact sweep ..
 (out ``<out>.shard{i}.json``, run dir ``<run_dir>/shard{i}``, the budget left, logs on stderr
 prefixed ``[shard i]`` and in ``<run_dir>/shard{i}/sweep.log``), runs shard 0/N itself, waits for
 them (until its own budget ends, then stops them; they are given CHILD_MARGIN seconds less),
+shares its budget searches with them (``search_dir``, :mod:`selact.experiments.search_store`:
+each search runs once, in the first process that needs it),
 appends their rows to ``out`` and deletes the shard files. A failed shard is logged and its rows so far are kept; if the parent itself is
 killed, the shard files stay on disk (:func:`merge_shard_files` adds them to ``out``). Job rows of a sharded
 run carry ``shard`` ("I/K").
@@ -64,6 +66,7 @@ from selact._files import atomic_write_text
 from selact._provenance import commit
 from selact.amu.budget import BudgetResult, apply_densities, budget_search, uniform_search
 from selact.experiments.recipes import Recipe, recipe
+from selact.experiments.search_store import SearchStore
 from selact.models import create_model
 from selact.train import (
     TaskOptions,
@@ -118,6 +121,7 @@ class SweepConfig:
     resume: bool = True
     workers: int = 1  # processes running jobs at once (see the module docstring)
     shard: tuple[int, int] | None = None  # (I, K): only the jobs j of the plan with j % K == I
+    search_dir: str | None = None  # budget searches shared by the shards; None: <run_dir>/searches
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -294,7 +298,14 @@ class _Child:
 
 
 def _child_args(
-    config: SweepConfig, commit: str, checkpoint: Path, out: Path, run_dir: Path, shard: str, budget
+    config: SweepConfig,
+    commit: str,
+    checkpoint: Path,
+    out: Path,
+    run_dir: Path,
+    searches: Path,
+    shard: str,
+    budget: float | None,
 ) -> list[str]:
     verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
     return [
@@ -309,7 +320,7 @@ def _child_args(
         "--commit", commit, "--command", config.command,
         "--dense-checkpoint", str(checkpoint), "--shard", shard,
         *(["--time-budget", f"{budget:.1f}"] if budget is not None else []),
-        "--out", str(out), "--run-dir", str(run_dir),
+        "--out", str(out), "--run-dir", str(run_dir), "--search-dir", str(searches),
         "--resume" if config.resume else "--no-resume", "--no-progress",
     ]  # fmt: skip
 
@@ -333,6 +344,7 @@ def _launch(
     checkpoint: Path,
     out: Path,
     run_dir: Path,
+    searches: Path,
     left: float | None,
     threads: int | None = None,
 ) -> list[_Child]:
@@ -351,7 +363,7 @@ def _launch(
         child_out.unlink(missing_ok=True)  # never merge a stale file from an earlier run
         child_dir = run_dir / f"shard{i}"
         child_dir.mkdir(parents=True, exist_ok=True)
-        args = _child_args(config, commit, checkpoint, child_out, child_dir, shard, left)
+        args = _child_args(config, commit, checkpoint, child_out, child_dir, searches, shard, left)
         log.info("sweep: starting shard %s: %s", shard, " ".join(args))
         process = subprocess.Popen(
             args,
@@ -599,6 +611,22 @@ def run_sweep(
         dense, info, checkpoint = result.model, result.info, result.checkpoint
     dense.eval()
     dense_sha = file_sha256(checkpoint) if checkpoint else None
+    store = SearchStore(
+        config.search_dir or run_dir / "searches",
+        {
+            "task": config.task,
+            "model": config.model,
+            "dense_sha256": dense_sha,
+            "targets": rec.all_targets(),
+            "mac_step": config.mac_step,
+            "search_steps": rec.search_steps,
+            "search_refresh": rec.search_refresh,
+            "calib_images": rec.calib_images,
+            "calib_batch": rec.calib_batch,
+        },
+    )
+    if config.shard is None and not config.resume:
+        store.clear()  # starting over: no search of an earlier run
     eval_config = rec.dense.replace(eval_batch_size=1000)
     common = {"dense_checkpoint": str(checkpoint), "dense_epochs_done": info.get("epochs_done")}
     if shard is None or shard[0] == 0:
@@ -615,7 +643,9 @@ def run_sweep(
         # Children end CHILD_MARGIN early: their last evaluations run long on a shared GPU, and
         # the parent still has to merge their rows inside its own budget.
         budget = None if left is None else max(1.0, left - CHILD_MARGIN)
-        children = _launch(config, base["commit"], checkpoint, out, run_dir, budget, threads)
+        children = _launch(
+            config, base["commit"], checkpoint, out, run_dir, store.folder, budget, threads
+        )
         deadline = None if left is None else time.monotonic() + left
     if shard is not None:
         rows.base["shard"] = f"{shard[0]}/{shard[1]}"
@@ -625,7 +655,7 @@ def run_sweep(
             torch.set_num_threads(threads)
         _run_jobs(
             config, rec, task, dense, dense_config, info, dense_sha, common, eval_config, run_dir,
-            clock, add, shard,
+            store, clock, add, shard,
         )  # fmt: skip
     except BaseException:
         for child in children:
@@ -681,41 +711,55 @@ def _dense_rows(task, dense, dense_config, info, dense_sha, common, eval_config,
 
 
 def _run_jobs(
-    config, rec, task, dense, dense_config, info, dense_sha, common, eval_config, run_dir, clock,
-    add, shard,
+    config, rec, task, dense, dense_config, info, dense_sha, common, eval_config, run_dir, store,
+    clock, add, shard,
 ) -> None:  # fmt: skip
-    """2. This process's jobs, in priority order, while time is left."""
+    """2. This process's jobs, in priority order, while time is left; each budget search runs
+    once across the sweep's processes (``store``)."""
     device = _device(config.device)
     calib = _calibration(task, rec)
     targets = rec.all_targets()
     searches: dict[tuple[str, str, str], dict[float, BudgetResult]] = {}
 
+    def run_search(strategy: str, granularity: str, allocation: str) -> list[BudgetResult]:
+        model = _convert(dense, strategy, granularity)
+        start = time.monotonic()
+        with autocast(eval_config, torch.device(device)):
+            if allocation == "global":
+                found = budget_search(
+                    model,
+                    calib,
+                    targets,
+                    sensitivity=task.sensitivity,
+                    mac_step=config.mac_step,
+                    max_steps=rec.search_steps,
+                    refresh=rec.search_refresh,
+                    deadline=clock.deadline(10.0),
+                )
+            else:
+                found = uniform_search(
+                    model,
+                    calib,
+                    targets,
+                    sensitivity=task.sensitivity,
+                    deadline=clock.deadline(10.0),
+                )
+        log.info("search %s: %.1f s", (strategy, granularity, allocation), time.monotonic() - start)
+        return found
+
+    def complete(found: list[BudgetResult]) -> bool:
+        reached = {r.target for r in found if r.executed_fraction <= r.target + 1e-6}
+        return all(t in reached for t in targets)
+
     def search(strategy: str, granularity: str, allocation: str) -> dict[float, BudgetResult]:
         key = (strategy, granularity, allocation)
         if key not in searches:
-            model = _convert(dense, strategy, granularity)
-            start = time.monotonic()
-            with autocast(eval_config, torch.device(device)):
-                if allocation == "global":
-                    found = budget_search(
-                        model,
-                        calib,
-                        targets,
-                        sensitivity=task.sensitivity,
-                        mac_step=config.mac_step,
-                        max_steps=rec.search_steps,
-                        refresh=rec.search_refresh,
-                        deadline=clock.deadline(10.0),
-                    )
-                else:
-                    found = uniform_search(
-                        model,
-                        calib,
-                        targets,
-                        sensitivity=task.sensitivity,
-                        deadline=clock.deadline(10.0),
-                    )
-            log.info("search %s: %.1f s", key, time.monotonic() - start)
+            found = store.get(
+                key,
+                lambda: run_search(*key),
+                complete,
+                deadline=clock.deadline(10.0),
+            )
             searches[key] = {r.target: r for r in found}
         return searches[key]
 
