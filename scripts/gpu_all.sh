@@ -21,5 +21,4 @@ OUT="$ROOT/kernels" TEST_SECONDS=${TEST_SECONDS:-90} BENCH_SECONDS=${BENCH_SECON
 rm -f "$ROOT"/kernels/*-kernels.md
 LEFT=$(( TOTAL - $(date +%s) + START ))
 echo "kernels done after $(( $(date +%s) - START ))s; CIFAR-10 gets ${LEFT}s"
-OUT="$ROOT/cifar10" PLOT=0 SWEEP_ARGS="--workers ${WORKERS:-2} ${SWEEP_ARGS:-}" \
-  bash scripts/gpu_cifar10.sh "$ARCHIVE" "$LEFT"
+OUT="$ROOT/cifar10" PLOT=0 bash scripts/gpu_cifar10.sh "$ARCHIVE" "$LEFT"

@@ -13,7 +13,10 @@
 #   run: MODELS=small_cnn SWEEP_ARGS="--smoke --device cpu"); SELACT_COMMIT (else
 #   .device/commit, else git): recorded in every row; DENSE_DIR: a folder holding
 #   <model>/dense/model.safetensors (the layout of dense.tgz below) from an earlier run, reused
-#   instead of training (more time for fine-tuning); PLOT=0: no PNG (saves one returned file).
+#   instead of training (more time for fine-tuning); DONE_DIR: a folder of an earlier run's
+#   <model>.json rows (of those dense checkpoints): the jobs they hold are skipped (--done-rows);
+#   WORKERS (default 2), or WORKERS_<model>: processes per sweep (--workers); PLOT=0: no PNG
+#   (saves one returned file).
 #
 # Writes to $OUT (at most 7 files): <model>.json per model (the sweep rows, rewritten after every
 # result, so a run stopped at its limit keeps what it finished), log.txt (every process's log,
@@ -57,9 +60,13 @@ for split in ('train', 'test'):
   echo "data ready after $(elapsed)s"
 } >> "$LOG" 2>&1
 
-# dense share of each sweep's budget: VGG-16 and the ViT need longer dense schedules for their
-# baselines; ResNet-20's claims need more fine-tuning.
-share() { case $1 in resnet20) echo 0.45;; vgg16) echo 0.55;; vit) echo 0.6;; *) echo 0.45;; esac; }
+# dense share of each sweep's budget (SHARE_<model> overrides): VGG-16 and the ViT need longer
+# dense schedules for their baselines; ResNet-20's claims need more fine-tuning.
+share() {
+  local s="SHARE_$1"
+  if [ -n "${!s:-}" ]; then echo "${!s}"; return; fi
+  case $1 in resnet20) echo 0.45;; vgg16) echo 0.55;; vit) echo 0.6;; *) echo 0.45;; esac
+}
 
 LEFT=$(( BUDGET - $(elapsed) - 25 ))  # 25 s kept for the report
 PIDS=()
@@ -67,12 +74,18 @@ for MODEL in $MODELS; do
   DENSE=()
   if [ -n "${DENSE_DIR:-}" ] && [ -f "$DENSE_DIR/$MODEL/dense/model.safetensors" ]; then
     DENSE=(--dense-checkpoint "$DENSE_DIR/$MODEL/dense/model.safetensors")
+    if [ -n "${DONE_DIR:-}" ] && [ -f "$DONE_DIR/$MODEL.json" ]; then
+      DENSE+=(--done-rows "$DONE_DIR/$MODEL.json")
+    fi
   fi
+  W="WORKERS_$MODEL"
+  W=${!W:-${WORKERS:-2}}
   # Process start-up (imports, tensors to the GPU) takes about 10 s of the sweep's time; 30 s
   # are kept for its last evaluations and the merge of its workers' rows.
   timeout -k 5 "$LEFT" python -m selact -v sweep --task cifar10 --model "$MODEL" \
     --data "$ARCHIVE" --time-budget $(( LEFT - 30 )) --dense-share "$(share "$MODEL")" \
-    --out "$OUT/$MODEL.json" --run-dir "$RUNS/$MODEL" --no-resume "${DENSE[@]}" $SWEEP_ARGS \
+    --out "$OUT/$MODEL.json" --run-dir "$RUNS/$MODEL" --no-resume --workers "$W" "${DENSE[@]}" \
+    $SWEEP_ARGS \
     > >(sed -u "s/^/[$MODEL] /" >> "$LOG") 2>&1 &
   PIDS+=($!)
 done

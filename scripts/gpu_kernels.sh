@@ -14,7 +14,10 @@ mkdir -p "$OUT"
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   SELACT_TRITON_AUTOTUNE=0 timeout ${TEST_SECONDS:-240} python -m pytest -q -p no:cacheprovider \
     tests/test_cuda.py tests/test_triton.py 2>&1 | tail -n 25
-  timeout ${BENCH_SECONDS:-300} python -m selact -v bench kernels --device cuda --reps 100 --out "$OUT" 2>&1
+  OPS=()
+  for OP in ${BENCH_OPS:-}; do OPS+=(--op "$OP"); done  # BENCH_OPS="linear": only those ops
+  timeout ${BENCH_SECONDS:-300} python -m selact -v bench kernels --device cuda --reps 100 \
+    "${OPS[@]}" --out "$OUT" 2>&1
 } >> "$LOG" 2>&1
 rm -f "$OUT"/*-kernels.png
 tail -n 3 "$LOG"

@@ -55,8 +55,9 @@ def test_another_identity_or_an_incomplete_search_is_run_again(tmp_path):
     store = SearchStore(tmp_path / "partial", IDENTITY)
     assert store.get(KEY, partial, _complete) == _results(reached=False)
     store.get(KEY, partial, _complete)
-    assert partial.calls == 2  # a search its deadline cut short is never stored
-    assert not list((tmp_path / "partial").glob("*.json"))
+    assert partial.calls == 2  # a search its deadline cut short is not reused by a later look
+    assert store.load(KEY) is None
+    assert store.load(KEY, incomplete=True) == _results(reached=False)
 
 
 def test_a_waiter_reads_what_the_lock_holder_wrote(tmp_path):
@@ -74,6 +75,20 @@ def test_a_waiter_reads_what_the_lock_holder_wrote(tmp_path):
     holder.join()
     assert (slow.calls, waiter.calls) == (1, 0)
     assert got["waiter"] == got["holder"] == _results()
+
+
+def test_a_waiter_takes_an_incomplete_search_it_waited_for(tmp_path):
+    slow, waiter = _Counted(_results(reached=False), delay=0.5), _Counted([])
+    holder = threading.Thread(
+        target=lambda: SearchStore(tmp_path, IDENTITY).get(KEY, slow, _complete)
+    )
+    holder.start()
+    while not list(tmp_path.glob("*.lock")):
+        time.sleep(0.01)
+    got = SearchStore(tmp_path, IDENTITY, poll=0.05).get(KEY, waiter, _complete)
+    holder.join()
+    assert (slow.calls, waiter.calls) == (1, 0)
+    assert got == _results(reached=False)
 
 
 def test_a_dead_owners_lock_is_taken_over(tmp_path):

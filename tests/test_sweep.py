@@ -19,15 +19,19 @@ from selact.cli import app
 from selact.experiments.recipes import recipe
 from selact.experiments.report import frontier, markdown, summarize
 from selact.experiments.sweep import (
+    Finetune,
     SweepConfig,
     _calibration,
     _Child,
     _dense_epoch_seconds,
+    _jobs,
     _merge,
     _Rows,
+    done_jobs,
     merge_shard_files,
     parse_shard,
     plan,
+    read_rows,
     run_sweep,
     shard_jobs,
 )
@@ -279,3 +283,31 @@ def test_workers_merge_the_shards(sweep_rows, tmp_path, caplog):
     ran += child_log.count("search ('sapi', 'element', 'global'):")
     assert ran == 1, caplog.text + child_log
     assert (tmp_path / "run" / "searches" / "sapi-element-global.json").is_file()
+
+
+def test_done_rows_skip_their_jobs(sweep_rows, tmp_path):
+    """A sweep given an earlier sweep's rows (same dense checkpoint) runs only the jobs they do
+    not hold: none at all when they hold every one."""
+    rows, out, cache = sweep_rows
+    dense = next(r for r in rows if r["strategy"] == "dense" and not r["finetune_epochs"])
+    rec = recipe("small_cnn", "smoke")
+    done = done_jobs(rows, dense["checkpoint_sha256"], rec.finetune.epochs)
+    assert "dense" in done
+    left = _jobs(rec, SweepConfig(scale="smoke", max_finetunes=2), None, done)
+    assert left == [] and len(_jobs(rec, SweepConfig(scale="smoke", max_finetunes=2), None)) > 0
+    assert done_jobs(rows, "another checkpoint", rec.finetune.epochs) == set()
+    assert not any(isinstance(j, Finetune) for j in done_jobs(rows, dense["checkpoint_sha256"], 99))
+    again = tmp_path / "again.json"
+    config = SweepConfig(
+        model="small_cnn", scale="smoke", device="cpu", data=str(SHARED_DATA), out=str(again),
+        run_dir=str(out.parent / "run"), dense_checkpoint=dense["dense_checkpoint"],
+        done_rows=str(out), max_finetunes=2,
+    )  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SELACT_CACHE", str(cache))
+        assert run_sweep(config) == []
+    with pytest.raises(FileNotFoundError, match="no such rows file"):
+        read_rows(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="bad.json: expected a list of rows"):
+        read_rows(tmp_path / "bad.json")

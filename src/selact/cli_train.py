@@ -341,6 +341,13 @@ def sweep(
             "--dense-checkpoint and writes no dense rows."
         ),
     ] = None,
+    done_rows: Annotated[
+        str | None,
+        typer.Option(
+            help="Rows of an earlier sweep (its --out): the jobs it holds for the same dense "
+            "checkpoint are not run again (its rows are not copied to --out)."
+        ),
+    ] = None,
     search_dir: Annotated[
         str | None,
         typer.Option(help="Budget searches shared by the shards (default <run-dir>/searches)."),
@@ -388,6 +395,7 @@ def sweep(
         workers=workers,
         shard=parsed_shard,
         search_dir=search_dir,
+        done_rows=done_rows,
     )
     try:
         rows = run_sweep(config)

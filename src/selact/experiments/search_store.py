@@ -2,10 +2,11 @@
 that needs a search runs it and writes it to a folder; the others wait for the file and read it.
 
 Without it every shard ran the same searches (on the H100 ResNet-20, four shards each spent about
-60 s on SAPI's global search). A search is stored only when it reached every target; one stopped
-by its deadline stays in the process that ran it. A stored search carries an ``identity`` (the
-dense checkpoint's hash, the targets, the search settings) and is used only where it matches, so
-an old file never stands in for a search of another model or recipe.
+60 s on SAPI's global search). A stored search carries an ``identity`` (the dense checkpoint's
+hash, the targets, the search settings) and is used only where it matches, so an old file never
+stands in for a search of another model or recipe. A search that its deadline stopped before every
+target is stored as incomplete: the processes that waited for it take it (they have no more time
+than its owner had), a later look at the folder runs it again.
 
 Locking is a file created with ``O_EXCL`` holding its owner's PID: a waiter that finds the owner
 dead (killed by a timeout) removes the lock and runs the search itself.
@@ -44,8 +45,11 @@ class SearchStore:
     def _path(self, key: tuple[str, str, str]) -> Path:
         return self.folder / ("-".join(key) + ".json")
 
-    def load(self, key: tuple[str, str, str]) -> list[BudgetResult] | None:
-        """The stored search ``key`` if there is one of this identity, else None."""
+    def load(
+        self, key: tuple[str, str, str], incomplete: bool = False
+    ) -> list[BudgetResult] | None:
+        """The stored search ``key`` if there is one of this identity (and complete, unless
+        ``incomplete``), else None."""
         path = self._path(key)
         try:
             stored = json.loads(path.read_text(encoding="utf-8"))
@@ -54,7 +58,7 @@ class SearchStore:
         except (OSError, ValueError) as error:
             log.warning("%s: unreadable stored search (%s); searching again", path, error)
             return None
-        if stored.get("identity") != self.identity:
+        if stored.get("identity") != self.identity or not (incomplete or stored.get("complete")):
             return None
         return [BudgetResult(**result) for result in stored["results"]]
 
@@ -65,13 +69,16 @@ class SearchStore:
         complete: Callable[[list[BudgetResult]], bool],
         deadline: float | None = None,
     ) -> list[BudgetResult]:
-        """The search ``key``: read from the folder, or run here (``run()``) and stored if
+        """The search ``key``: read from the folder, or run here (``run()``) and stored, marked
         ``complete(results)``. While another live process holds the key's lock, wait for it
-        (until ``deadline``, :func:`time.monotonic`; then run it here)."""
-        lock = self._path(key).with_suffix(".lock")
+        (until ``deadline``, :func:`time.monotonic`; then run it here) and take what it stored,
+        complete or not."""
+        path = self._path(key)
+        lock = path.with_suffix(".lock")
         self.folder.mkdir(parents=True, exist_ok=True)
+        waited = False
         while True:
-            found = self.load(key)
+            found = self.load(key, incomplete=waited)
             if found is not None:
                 return found
             if _take(lock):
@@ -82,14 +89,19 @@ class SearchStore:
                 )
                 return run()
             time.sleep(self.poll)
+            waited = True
         try:
             found = self.load(key)  # written between our look and our lock
             if found is not None:
                 return found
+            path.unlink(missing_ok=True)  # an incomplete one: only ours may be read from now on
             results = run()
-            if complete(results):
-                payload = {"identity": self.identity, "results": [r.to_dict() for r in results]}
-                atomic_write_text(self._path(key), json.dumps(payload, indent=1))
+            payload = {
+                "identity": self.identity,
+                "complete": complete(results),
+                "results": [r.to_dict() for r in results],
+            }
+            atomic_write_text(path, json.dumps(payload, indent=1))
             return results
         finally:
             lock.unlink(missing_ok=True)

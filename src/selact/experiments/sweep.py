@@ -5,7 +5,8 @@ at any point keeps what it finished):
 
 1. **dense**: train the model (or load ``dense_checkpoint``); rows ``dense`` (every MAC) and
    ``zero_skip`` (only nonzero inputs: ReLU's free sparsity).
-2. **jobs**, in priority order, while the time budget allows:
+2. **jobs**, in priority order, while the time budget allows (less those that the rows of an
+   earlier sweep of the same dense checkpoint hold: ``done_rows``, ``--done-rows``):
    - *evaluation without fine-tuning*: for a (strategy, granularity, allocation), find the
      per-layer densities meeting each executed/dense MAC target on validation images
      (``uniform``: one density by bisection; ``global``: :func:`selact.amu.budget_search`), then
@@ -122,6 +123,7 @@ class SweepConfig:
     workers: int = 1  # processes running jobs at once (see the module docstring)
     shard: tuple[int, int] | None = None  # (I, K): only the jobs j of the plan with j % K == I
     search_dir: str | None = None  # budget searches shared by the shards; None: <run_dir>/searches
+    done_rows: str | None = None  # rows of an earlier sweep: the jobs they hold are not run again
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -245,10 +247,63 @@ def _validate(config: SweepConfig) -> tuple[int, int] | None:
     return (0, config.workers) if config.workers > 1 else None
 
 
-def _jobs(rec: Recipe, config: SweepConfig, shard: tuple[int, int] | None) -> list[Eval | Finetune]:
-    """This process's jobs. Split into shards, ``max_finetunes`` keeps the first fine-tuning
-    jobs of the whole plan (in one process it counts the runs started)."""
-    jobs = plan(rec, config.seeds, config.scale)
+def done_jobs(
+    rows: list[dict[str, Any]], dense_sha: str | None, finetune_epochs: int
+) -> set[Eval | Finetune | str]:
+    """The jobs (and ``"dense"`` for the dense rows) that ``rows`` already hold for the dense
+    checkpoint of hash ``dense_sha``; fine-tuning rows count only at ``finetune_epochs``."""
+    done: set[Eval | Finetune | str] = set()
+    for row in rows:
+        if row.get("dense_checkpoint_sha256", row.get("checkpoint_sha256")) != dense_sha:
+            continue
+        strategy, epochs = row.get("strategy"), row.get("finetune_epochs", 0)
+        key = (strategy, row.get("granularity"), row.get("allocation"))
+        if strategy in ("dense", "zero_skip") and not epochs:
+            done.add("dense")
+        elif not epochs:
+            done.add(Eval(*key))
+        elif epochs == finetune_epochs:
+            target = None if strategy == "dense" else row.get("target_mac_fraction")
+            done.add(Finetune(*key, target, row.get("seed")))
+    return done
+
+
+def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """A sweep's rows file; a clear error if it is missing or not a list of rows."""
+    path = Path(path)
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path}: no such rows file") from err
+    except ValueError as err:
+        raise ValueError(f"{path}: not a JSON rows file ({err})") from err
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError(f"{path}: expected a list of rows")
+    return rows
+
+
+def _is_done(job: Eval | Finetune, done: set[Eval | Finetune | str]) -> bool:
+    if isinstance(job, Finetune) and job.target is not None:
+        return any(
+            isinstance(d, Finetune)
+            and d.target is not None
+            and abs(d.target - job.target) < 1e-9
+            and d == dataclasses.replace(job, target=d.target)
+            for d in done
+        )
+    return job in done
+
+
+def _jobs(
+    rec: Recipe,
+    config: SweepConfig,
+    shard: tuple[int, int] | None,
+    done: set[Eval | Finetune | str] = frozenset(),
+) -> list[Eval | Finetune]:
+    """This process's jobs: the plan less the ``done`` ones. Split into shards,
+    ``max_finetunes`` keeps the first fine-tuning jobs of the whole plan (in one process it
+    counts the runs started)."""
+    jobs = [job for job in plan(rec, config.seeds, config.scale) if not _is_done(job, done)]
     if shard is not None and shard[1] > 1 and config.max_finetunes is not None:
         finetunes = [i for i, job in enumerate(jobs) if isinstance(job, Finetune)]
         drop = set(finetunes[config.max_finetunes :])
@@ -321,6 +376,7 @@ def _child_args(
         "--dense-checkpoint", str(checkpoint), "--shard", shard,
         *(["--time-budget", f"{budget:.1f}"] if budget is not None else []),
         "--out", str(out), "--run-dir", str(run_dir), "--search-dir", str(searches),
+        *(["--done-rows", str(config.done_rows)] if config.done_rows else []),
         "--resume" if config.resume else "--no-resume", "--no-progress",
     ]  # fmt: skip
 
@@ -627,9 +683,13 @@ def run_sweep(
     )
     if config.shard is None and not config.resume:
         store.clear()  # starting over: no search of an earlier run
+    done = set()
+    if config.done_rows:
+        done = done_jobs(read_rows(config.done_rows), dense_sha, rec.finetune.epochs)
+        log.info("sweep: %d jobs already in %s", len(done), config.done_rows)
     eval_config = rec.dense.replace(eval_batch_size=1000)
     common = {"dense_checkpoint": str(checkpoint), "dense_epochs_done": info.get("epochs_done")}
-    if shard is None or shard[0] == 0:
+    if (shard is None or shard[0] == 0) and "dense" not in done:
         _dense_rows(task, dense, dense_config, info, dense_sha, common, eval_config, add)
     children: list[_Child] = []
     deadline: float | None = None
@@ -655,7 +715,7 @@ def run_sweep(
             torch.set_num_threads(threads)
         _run_jobs(
             config, rec, task, dense, dense_config, info, dense_sha, common, eval_config, run_dir,
-            store, clock, add, shard,
+            store, clock, add, shard, done,
         )  # fmt: skip
     except BaseException:
         for child in children:
@@ -712,7 +772,7 @@ def _dense_rows(task, dense, dense_config, info, dense_sha, common, eval_config,
 
 def _run_jobs(
     config, rec, task, dense, dense_config, info, dense_sha, common, eval_config, run_dir, store,
-    clock, add, shard,
+    clock, add, shard, done,
 ) -> None:  # fmt: skip
     """2. This process's jobs, in priority order, while time is left; each budget search runs
     once across the sweep's processes (``store``)."""
@@ -776,7 +836,7 @@ def _run_jobs(
     ft_seconds_per_epoch: float | None = None
     dense_epoch: list[float] = []  # seconds per dense epoch here, found at the first need
     finetunes = 0
-    for job in _jobs(rec, config, shard):
+    for job in _jobs(rec, config, shard, done):
         if isinstance(job, Finetune):
             if config.max_finetunes is not None and finetunes >= config.max_finetunes:
                 continue
