@@ -12,8 +12,10 @@ LOG="$OUT/kernels.log"
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  SELACT_TRITON_AUTOTUNE=0 timeout ${TEST_SECONDS:-240} python -m pytest -q -p no:cacheprovider \
-    tests/test_cuda.py tests/test_triton.py 2>&1 | tail -n 25
+  if [ "${TESTS:-1}" = 1 ]; then  # TESTS=0: the benchmark only
+    SELACT_TRITON_AUTOTUNE=0 timeout ${TEST_SECONDS:-240} python -m pytest -q -p no:cacheprovider \
+      tests/test_cuda.py tests/test_triton.py 2>&1 | tail -n 25
+  fi
   OPS=()
   for OP in ${BENCH_OPS:-}; do OPS+=(--op "$OP"); done  # BENCH_OPS="linear": only those ops
   timeout ${BENCH_SECONDS:-300} python -m selact -v bench kernels --device cuda --reps 100 \

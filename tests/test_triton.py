@@ -100,3 +100,17 @@ def test_every_variant_of_the_interpreted_kernels(rows, split, ahead, compact, m
         y, _ = mgemm.linear(x, w, b, in_mask=mask, backend="triton")
         expected, _ = _reference(x, w, b, mask)
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_forget_tuning_makes_the_next_call_choose_again(monkeypatch):
+    """The benchmark forgets the tile choices before each case: the next call picks again."""
+    from selact.mgemm import triton_kernels
+
+    picked = []
+    monkeypatch.setattr(triton_kernels, "_CHOSEN", {})
+    first, second = triton_kernels.Tiles(32, 32), triton_kernels.Tiles(64, 32)
+    assert triton_kernels._pick(("rows", 1), [first, second], picked.append) == first
+    triton_kernels._CHOSEN[("rows", 1)] = second
+    assert triton_kernels._pick(("rows", 1), [first], picked.append) == second  # remembered
+    triton_kernels.forget_tuning()
+    assert triton_kernels._pick(("rows", 1), [first, second], picked.append) == first

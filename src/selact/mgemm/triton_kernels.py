@@ -128,6 +128,12 @@ def _pick(key: tuple, candidates: list[Tiles], launch: Callable[[Tiles], object]
     return choice
 
 
+def forget_tuning() -> None:
+    """Forget every tile choice: the next call of each shape is timed again, on its own masks
+    (the benchmark tunes each density case afresh, as each model is tuned on its first call)."""
+    _CHOSEN.clear()
+
+
 def _launch_options(tiles: Tiles) -> dict[str, int]:
     return {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
 
