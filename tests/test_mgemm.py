@@ -392,3 +392,21 @@ def test_fast_backends_serve_the_cases_they_exist_for(backend, case):
     # The hypothesis tests above skip the cases a backend declines: make sure that the cases each
     # backend is built for are served, so those tests do compare it with the brute force.
     assert mgemm.why_not(backend, case()) is None
+
+
+@pytest.mark.parametrize(("n", "k"), [(10, 7), (3072, 768), (1000, 600)])
+def test_cpu_packed_weight_layout(n, k):
+    """The CPU kernels' packed weight: Wᵀ, outputs zero-padded to 16, starting on a page (on a
+    2-MB boundary from 2 MB up, for huge pages), rebuilt after an in-place update."""
+    from selact.mgemm import cpu
+
+    w = torch.randn(n, k)
+    packed = cpu.packed_weight(w)
+    assert packed.shape == (k, -(-n // 16) * 16)
+    assert torch.equal(packed[:, :n], w.t()) and not packed[:, n:].any()
+    big = packed.numel() * 4 >= cpu.HUGE_PAGE and cpu._madvise is not None
+    assert packed.data_ptr() % (cpu.HUGE_PAGE if big else 4096) == 0
+    assert cpu.packed_weight(w) is packed
+    with torch.no_grad():
+        w.mul_(2)
+    assert torch.equal(cpu.packed_weight(w)[:, :n], w.t())
