@@ -264,8 +264,15 @@ def done_jobs(
             done.add(Eval(*key))
         elif epochs == finetune_epochs:
             target = None if strategy == "dense" else row.get("target_mac_fraction")
-            done.add(Finetune(*key, target, row.get("seed")))
+            done.add(_keyed(Finetune(*key, target, row.get("seed"))))
     return done
+
+
+def _keyed(job: Eval | Finetune) -> Eval | Finetune:
+    """``job`` with its target rounded, so that a target read back from JSON (1/3) finds it."""
+    if isinstance(job, Finetune) and job.target is not None:
+        return dataclasses.replace(job, target=round(job.target, 9))
+    return job
 
 
 def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -282,18 +289,6 @@ def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def _is_done(job: Eval | Finetune, done: set[Eval | Finetune | str]) -> bool:
-    if isinstance(job, Finetune) and job.target is not None:
-        return any(
-            isinstance(d, Finetune)
-            and d.target is not None
-            and abs(d.target - job.target) < 1e-9
-            and d == dataclasses.replace(job, target=d.target)
-            for d in done
-        )
-    return job in done
-
-
 def _jobs(
     rec: Recipe,
     config: SweepConfig,
@@ -303,7 +298,7 @@ def _jobs(
     """This process's jobs: the plan less the ``done`` ones. Split into shards,
     ``max_finetunes`` keeps the first fine-tuning jobs of the whole plan (in one process it
     counts the runs started)."""
-    jobs = [job for job in plan(rec, config.seeds, config.scale) if not _is_done(job, done)]
+    jobs = [job for job in plan(rec, config.seeds, config.scale) if _keyed(job) not in done]
     if shard is not None and shard[1] > 1 and config.max_finetunes is not None:
         finetunes = [i for i, job in enumerate(jobs) if isinstance(job, Finetune)]
         drop = set(finetunes[config.max_finetunes :])
@@ -488,9 +483,7 @@ def _append_shards(rows: _Rows, paths: list[Path]) -> list[dict[str, Any]]:
             log.info("sweep: %s: no rows", path)
             continue
         try:
-            theirs = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(theirs, list):
-                raise ValueError("not a list of rows")
+            theirs = read_rows(path)
         except (OSError, ValueError) as err:
             log.error("sweep: cannot read %s (%s); left as it is", path, err)
             continue
@@ -509,7 +502,7 @@ def merge_shard_files(out: str | os.PathLike[str]) -> int:
     ``out`` and delete those files; returns the number of rows added."""
     out = Path(out)
     paths = sorted(out.parent.glob(f"{out.stem}.shard*.json"))
-    keep = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else []
+    keep = read_rows(out) if out.is_file() else []
     return len(_append_shards(_Rows(out, {}, keep), paths))
 
 

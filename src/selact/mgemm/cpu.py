@@ -105,7 +105,7 @@ def _page_aligned(numel: int, dtype: torch.dtype) -> torch.Tensor:
     alone against dense: 768 -> 3072 in 0.31 instead of 0.38 of dense's time, 4096 -> 4096 in
     0.27 instead of 0.28; within noise in ``selact bench kernels``, where Python's dispatch and
     the other routes' traffic weigh more."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     align = HUGE_PAGE if numel * itemsize >= HUGE_PAGE and _madvise is not None else 4096
     buffer = torch.empty(numel + align // itemsize, dtype=dtype)
     start = (-buffer.data_ptr() % align) // itemsize
