@@ -316,7 +316,7 @@ def fake_backend(monkeypatch):
     monkeypatch.setitem(BACKENDS._entries, "fake", backend)
     monkeypatch.delenv("SELACT_BACKEND", raising=False)
     monkeypatch.setattr("selact.mgemm.registry._warned", set())
-    monkeypatch.setattr("selact.mgemm.registry._chosen", {})
+    monkeypatch.setattr("selact.mgemm.registry._plans", {})
     return calls
 
 
@@ -324,14 +324,35 @@ def test_dispatch_prefers_fast_backend_and_falls_back_with_one_warning(fake_back
     x, w = torch.randn(2, 4), torch.randn(3, 4)
     mgemm.linear(x, w)
     assert fake_backend == ["fake"]
-    with pytest.warns(UserWarning, match="reference"):
+    with pytest.warns(UserWarning, match="reference") as record:
         mgemm.linear(x.half(), w.half())
+    assert record[0].filename == __file__  # it points at the caller, not at selact's dispatch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mgemm.linear(x.half(), w.half())  # warned once only
         with torch.enable_grad():  # an inference-only backend is skipped when grads are needed
             mgemm.linear(x, w.requires_grad_())
     assert fake_backend == ["fake"]
+
+
+def test_operands_are_validated_once_per_signature(fake_backend, monkeypatch):
+    validated = []
+    check = mgemm.linear_case
+    monkeypatch.setattr(mgemm, "linear_case", lambda *a, **k: validated.append(1) or check(*a, **k))
+    x, w, m = torch.randn(2, 4), torch.randn(3, 4), torch.ones(4, dtype=torch.bool)
+    for _ in range(3):
+        mgemm.linear(x, w, in_mask=m)
+    assert len(validated) == 1 and fake_backend == ["fake"] * 3
+    mgemm.linear(torch.randn(5, 4), w, in_mask=m)  # a new shape: checked again
+    assert len(validated) == 2
+    with pytest.raises(ValueError, match="expects 4 input features"):
+        mgemm.linear(torch.randn(2, 5), w)
+    with pytest.raises(TypeError, match="bool"):
+        mgemm.linear(x, w, in_mask=m.float())
+    with pytest.raises(TypeError, match="must be a tensor"):
+        mgemm.linear(x.tolist(), w)
+    with pytest.raises(ValueError, match="on meta"):
+        mgemm.linear(x, w.to("meta"))
 
 
 def test_named_backend_raises_when_it_cannot_serve(fake_backend, monkeypatch):

@@ -7,6 +7,8 @@ here; deciding them is the AMU's job (:mod:`selact.amu`).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from selact.mgemm import cpu as _cpu  # noqa: F401  (registers the CPU backend)
@@ -14,7 +16,17 @@ from selact.mgemm import gather as _gather  # noqa: F401  (registers the gather 
 from selact.mgemm import reference as _reference  # noqa: F401  (registers the reference backend)
 from selact.mgemm import triton_backend as _triton  # noqa: F401  (registers the Triton backend)
 from selact.mgemm.counting import conv2d_macs, dense_conv2d_macs, dense_linear_macs, linear_macs
-from selact.mgemm.registry import BACKENDS, Backend, BackendError, Case, choose, register_backend
+from selact.mgemm.registry import (
+    BACKENDS,
+    ENV_VAR,
+    Backend,
+    BackendError,
+    Case,
+    choose,
+    planned,
+    register_backend,
+    remember,
+)
 
 __all__ = [
     "BACKENDS",
@@ -50,8 +62,12 @@ def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True, bac
         count: compute the executed MACs; ``False`` returns ``(Y, None)`` and saves the work.
         backend: backend name; ``None`` lets the dispatcher choose.
     """
-    case = linear_case(x, weight, bias, in_mask=in_mask, out_mask=out_mask)
-    return choose(case, backend).ops["linear"](
+    signature = _signature("linear", backend, (), x, weight, bias, in_mask, out_mask)
+    served_by = planned(signature)
+    if served_by is None:  # a new signature: check the operands, choose, remember
+        case = linear_case(x, weight, bias, in_mask=in_mask, out_mask=out_mask)
+        served_by = remember(signature, choose(case, backend))
+    return served_by.ops["linear"](
         x, weight, bias, in_mask=in_mask, out_mask=out_mask, count=count
     )
 
@@ -95,8 +111,13 @@ def conv2d(
             (B, 1, H, W) spatial, (1, C, 1, 1) batch-shared.
         count: compute the executed MACs; ``False`` returns ``(Y, None)``.
     """
-    case = conv2d_case(x, weight, bias, stride, padding, dilation, groups, in_mask=in_mask)
-    return choose(case, backend).ops["conv2d"](
+    params = (stride, padding, dilation, groups)
+    signature = _signature("conv2d", backend, params, x, weight, bias, in_mask)
+    served_by = planned(signature)
+    if served_by is None:
+        case = conv2d_case(x, weight, bias, *params, in_mask=in_mask)
+        served_by = remember(signature, choose(case, backend))
+    return served_by.ops["conv2d"](
         x, weight, bias, stride, padding, dilation, groups, in_mask=in_mask, count=count
     )
 
@@ -143,8 +164,12 @@ def attention_values(probs, v, *, key_mask=None, renormalize=True, count=True, b
         renormalize: rescale the kept probabilities of each query to sum to one.
         count: compute the executed MACs; ``False`` returns ``(O, None)``.
     """
-    case = attention_values_case(probs, v, key_mask=key_mask)
-    return choose(case, backend).ops["attention_values"](
+    signature = _signature("attention_values", backend, (), probs, v, None, key_mask)
+    served_by = planned(signature)
+    if served_by is None:
+        case = attention_values_case(probs, v, key_mask=key_mask)
+        served_by = remember(signature, choose(case, backend))
+    return served_by.ops["attention_values"](
         probs, v, key_mask=key_mask, renormalize=renormalize, count=count
     )
 
@@ -166,6 +191,39 @@ def why_not(backend: str, case: Case) -> str | None:
     """``None`` if ``backend`` can serve ``case`` (from :func:`linear_case` and the like), else
     the reason it cannot."""
     return BACKENDS[backend].why_not(case)
+
+
+def _signature(op, requested, params, x, weight, bias, mask, other_mask=None) -> tuple | None:
+    """Everything the operand checks and the choice of backend depend on (op, requested backend
+    or ``SELACT_BACKEND``, settings, whether gradients are needed, each operand's shape, dtype and
+    device): calls of one signature are checked once (:func:`selact.mgemm.registry.remember`).
+    ``None`` where a call is checked every time: under ``torch.compile`` (traced once anyway),
+    operands that are not tensors, settings that are not hashable."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        if params:
+            hash(params)
+        grad = torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        )
+        return (
+            op,
+            requested or os.environ.get(ENV_VAR),
+            params,
+            grad,
+            x.shape,
+            x.dtype,
+            x.device,
+            weight.shape,
+            weight.dtype,
+            weight.device,
+            None if bias is None else (bias.shape, bias.dtype, bias.device),
+            None if mask is None else (mask.shape, mask.dtype, mask.device),
+            None if other_mask is None else (other_mask.shape, other_mask.dtype, other_mask.device),
+        )
+    except (AttributeError, TypeError):
+        return None
 
 
 def _case(op, operands, **tensors) -> Case:

@@ -39,6 +39,9 @@ MAX_ROWS = 8
 #: Packed weight rows are padded to this many floats (one AVX-512 register).
 LANES = 16
 _SOURCE = Path(__file__).parent / "csrc" / "sparse_linear.cpp"
+#: The built kernels as torch ops (filled by :func:`_build`), held here: looking them up under
+#: ``torch.ops`` on every call costs more than a small layer's arithmetic.
+KERNELS: dict[str, torch._ops.OpOverload] = {}
 
 
 @functools.cache
@@ -60,6 +63,8 @@ def _build() -> str | None:
         )
         torch.library.register_fake("selact_cpu::sparse_linear")(_sparse_linear_fake)
         torch.library.register_fake("selact_cpu::channel_conv")(_channel_conv_fake)
+        KERNELS["linear"] = torch.ops.selact_cpu.sparse_linear.default
+        KERNELS["conv2d"] = torch.ops.selact_cpu.channel_conv.default
     except Exception as error:  # no compiler, no headers: the backend stays unavailable
         log.warning("selact: the CPU kernel could not be built (%s)", error)
         return f"its kernel could not be built ({type(error).__name__})"
@@ -133,10 +138,9 @@ _madvise = _libc_madvise()
 
 def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True):
     n, k = weight.shape
+    rows = x if x.dim() == 2 else x.reshape(-1, k)  # the kernel makes it contiguous if need be
     mask = None if in_mask is None else _grouped_mask(in_mask, x.shape)
-    y, macs = torch.ops.selact_cpu.sparse_linear.default(
-        x.reshape(-1, k).contiguous(), mask, packed_weight(weight), bias, n, count
-    )
+    y, macs = KERNELS["linear"](rows, mask, packed_weight(weight), bias, n, count)
     return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)), macs if count else None
 
 
@@ -160,16 +164,17 @@ def _shared_tail(mask_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> int:
 
 
 def _grouped_mask(mask: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
-    """``mask`` as the kernel takes it: (G, K), one row per run of rows (:func:`mask_groups`)."""
-    if mask.dim() == 1:
-        return mask.contiguous().view(1, -1)
-    if mask.shape == x_shape:  # a mask per row (the common case, and the cheap one to check)
-        return mask.reshape(-1, x_shape[-1]).contiguous()
+    """``mask`` as the kernel takes it: (G, K), one row per run of rows (:func:`mask_groups`),
+    or (K,) for G = 1; the kernel makes it contiguous if need be."""
+    if mask.dim() == 1 or (mask.dim() == 2 and mask.shape == x_shape):  # the common cases
+        return mask
+    if mask.shape == x_shape:  # a mask per row
+        return mask.reshape(-1, x_shape[-1])
     lead, k = tuple(x_shape[:-1]), x_shape[-1]
     varying = len(lead) - _shared_tail(tuple(mask.shape), tuple(x_shape))
     full = mask.reshape((1,) * (len(x_shape) - mask.dim()) + tuple(mask.shape))
     target = (*lead[:varying], *full.shape[varying:-1], k)
-    return full.expand(target).reshape(-1, k).contiguous()
+    return full.expand(target).reshape(-1, k)
 
 
 def conv2d(
@@ -177,12 +182,9 @@ def conv2d(
 ):
     """A channel-masked convolution as an implicit GEMM over the kept channels (channels-last
     output)."""
-    keep = in_mask.reshape(in_mask.shape[0], -1)
-    if keep.shape[1] != x.shape[1]:  # a (B, 1, 1, 1) mask keeps or drops whole samples
-        keep = keep.expand(keep.shape[0], x.shape[1])
     geometry = conv_geometry(weight.shape, stride, padding, dilation)
-    y, _, macs = torch.ops.selact_cpu.channel_conv.default(
-        x, keep.contiguous(), 0, None, packed_weight(weight), bias, *geometry, count
+    y, _, macs = KERNELS["conv2d"](
+        x, in_mask, 0, None, packed_weight(weight), bias, *geometry, count
     )
     return y, macs if count else None
 
@@ -199,7 +201,7 @@ def select_conv2d(x, weight, bias, geometry, *, keep, norms=None, count=True):
     (C,) for SAPW; ties go to the lower channel. The selection of :func:`selact.amu.mask` with
     channel granularity and a top-k budget. ``geometry``: :func:`conv_geometry`. Returns
     (y, keep (B, C) bool, MACs or None)."""
-    y, kept, macs = torch.ops.selact_cpu.channel_conv.default(
+    y, kept, macs = KERNELS["conv2d"](
         x, None, keep, norms, packed_weight(weight), bias, *geometry, count
     )
     return y, kept, macs if count else None

@@ -17,7 +17,7 @@ def derived(weight: torch.Tensor, layout: str, make: Callable[[torch.Tensor], to
     update (which bumps ``weight._version``); it is dropped when the weight is freed.
     """
     key = (id(weight), layout)
-    stamp = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device)
+    stamp = (weight.data_ptr(), weight._version, weight.shape, weight.dtype, weight.device)
     entry = _cache.get(key)
     if entry is not None and entry[0]() is weight and entry[1] == stamp:
         return entry[2]

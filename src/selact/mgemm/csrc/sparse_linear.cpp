@@ -327,17 +327,20 @@ at::Tensor channel_topk(const at::Tensor& x, const c10::optional<at::Tensor>& no
 // sequence: G = samples). Without a mask every input is kept. Returns (y, MACs): the kept nonzero
 // inputs times N (zero when count is false). Runs of one row take the GEMV, longer runs one GEMM
 // each over their kept inputs.
-std::tuple<at::Tensor, at::Tensor> sparse_linear(const at::Tensor& x, const c10::optional<at::Tensor>& mask,
+std::tuple<at::Tensor, at::Tensor> sparse_linear(const at::Tensor& x_in, const c10::optional<at::Tensor>& mask_in,
                                                  const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                                                  int64_t n_out, bool count) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous (R, K) float32");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x: (R, K) float32");
+  const at::Tensor x = x_in.contiguous();  // copies only what is not (cheaper here than in Python)
+  const c10::optional<at::Tensor> mask =
+      mask_in.has_value() ? c10::optional<at::Tensor>(mask_in->contiguous()) : c10::nullopt;
   const int64_t R = x.size(0), K = x.size(1);
   check_packed(packed, K, n_out);
   const int64_t Np = packed.size(1);
   const bool* m = nullptr;
   int64_t G = R;  // no mask: every row on its own (the GEMV skips its zeros)
   if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous(), "mask: contiguous bool");
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "mask: bool");
     TORCH_CHECK((mask->dim() == 1 || mask->dim() == 2) && mask->size(-1) == K, "mask must be (G, K) or (K,)");
     G = mask->dim() == 1 ? 1 : mask->size(0);
     TORCH_CHECK(G > 0 ? R % G == 0 : R == 0, "mask has ", G, " rows, which do not divide the ", R, " rows of x");
@@ -375,7 +378,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear(const at::Tensor& x, const c10:
 }
 
 // A convolution of x (B, C, H, W), any strides, in which sample b keeps the input channels
-// keep[b] (keep: (B, C) or (1, C) bool; if undefined, the AMU's channel top-k of k channels, see
+// keep[b] (keep: (B, C) or (1, C) bool, also (B, C, 1, 1); a channel size of 1 keeps or drops
+// whole samples; if undefined, the AMU's channel top-k of k channels, see
 // channel_topk): per sample an implicit GEMM over a zero-padded copy of the kept channels.
 // Returns y (B, N, Ho, Wo) in channels-last memory format, keep, and the MACs: the kept nonzero
 // inputs under each output position's receptive field, times N (zero when count is false).
@@ -385,9 +389,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv(
     int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, bool count) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "x: (B, C, H, W) float32");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), taps = kh * kw;
-  const at::Tensor keep = given_keep.has_value() ? *given_keep : channel_topk(x, norms, k);
-  TORCH_CHECK(keep.scalar_type() == at::kBool && keep.is_contiguous() && keep.dim() == 2 && keep.size(1) == C &&
-                  (keep.size(0) == 1 || keep.size(0) == B),
+  at::Tensor keep;
+  if (given_keep.has_value()) {  // (B or 1, C or 1, 1, 1) or (B or 1, C or 1): per sample, channels
+    TORCH_CHECK(given_keep->dim() == 2 || (given_keep->dim() == 4 && given_keep->numel() == given_keep->size(0) *
+                                                                        given_keep->size(1)),
+                "keep: (B, C) or (B, C, 1, 1) bool");
+    keep = given_keep->reshape({given_keep->size(0), given_keep->size(1)});
+    if (keep.size(1) == 1) keep = keep.expand({keep.size(0), C});  // whole samples kept or dropped
+    keep = keep.contiguous();
+  } else {
+    keep = channel_topk(x, norms, k);
+  }
+  TORCH_CHECK(keep.scalar_type() == at::kBool && keep.size(1) == C && (keep.size(0) == 1 || keep.size(0) == B),
               "keep: (B, C) or (1, C) bool");
   check_packed(packed, C * taps, n_out);
   const int64_t Np = packed.size(1);
