@@ -67,9 +67,7 @@ def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True, bac
     if served_by is None:  # a new signature: check the operands, choose, remember
         case = linear_case(x, weight, bias, in_mask=in_mask, out_mask=out_mask)
         served_by = remember(signature, choose(case, backend))
-    return served_by.ops["linear"](
-        x, weight, bias, in_mask=in_mask, out_mask=out_mask, count=count
-    )
+    return served_by.ops["linear"](x, weight, bias, in_mask=in_mask, out_mask=out_mask, count=count)
 
 
 def linear_case(x, weight, bias=None, *, in_mask=None, out_mask=None) -> Case:
