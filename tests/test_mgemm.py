@@ -431,3 +431,32 @@ def test_cpu_packed_weight_layout(n, k):
     with torch.no_grad():
         w.mul_(2)
     assert torch.equal(cpu.packed_weight(w)[:, :n], w.t())
+
+
+@pytest.mark.parametrize("batch", [2, 3, 8, 9])
+@pytest.mark.parametrize("shared", [False, True])
+def test_cpu_conv_batch_equals_its_samples_one_by_one(batch, shared):
+    """A batch's samples run side by side, one thread each (2 threads: even batches, or 8 samples
+    and more), or one after another on all threads: either way each sample's output and MACs are
+    exactly those of the sample alone."""
+    from selact.mgemm import cpu
+
+    torch.manual_seed(batch)
+    x = torch.relu(torch.randn(batch, 12, 7, 9))
+    weight, bias = torch.randn(10, 12, 3, 3), torch.randn(10)
+    mask = torch.rand(1 if shared else batch, 12, 1, 1) < 0.5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y, macs = cpu.conv2d(x, weight, bias, 2, 1, in_mask=mask)
+        alone = [
+            cpu.conv2d(x[i : i + 1], weight, bias, 2, 1, in_mask=mask[i % len(mask)][None])
+            for i in range(batch)
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y, torch.cat([a[0] for a in alone]))
+    assert int(macs) == sum(int(a[1]) for a in alone)
+    expected = mgemm.conv2d(x, weight, bias, 2, 1, in_mask=mask, backend="reference")
+    torch.testing.assert_close(y, expected[0], rtol=1e-4, atol=1e-4)
+    assert int(macs) == int(expected[1])

@@ -7,9 +7,9 @@ a dropped input costs no memory traffic at all. float32, inference:
 - linear: per-row masks (up to :data:`MAX_ROWS` rows) as a split-K GEMV per row; a mask shared
   by runs of rows (a batch-shared mask, or a token sequence's per-sample mask; up to
   :data:`MAX_ROWS` runs, any number of rows) as one GEMM per run over its kept inputs;
-- conv2d with channel or batch-shared masks (ungrouped, up to :data:`MAX_ROWS` samples): per
-  sample an implicit GEMM over a zero-padded copy of the kept channels, any size, stride,
-  padding and dilation. Its output is in channels-last memory format.
+- conv2d with channel or batch-shared masks (ungrouped, any batch): per sample an implicit GEMM
+  over a zero-padded copy of the kept channels, any size, stride, padding and dilation; the
+  samples of a batch side by side, one thread each. Its output is in channels-last memory format.
 
 The kernels are compiled with the machine's C++ compiler on first use (about 30 s, cached by
 PyTorch in ``TORCH_EXTENSIONS_DIR``); without a compiler the backend declines every case and the
@@ -33,8 +33,9 @@ from selact.mgemm.weights import derived
 
 log = logging.getLogger(__name__)
 
-#: Most masks per call: rows with their own masks (or samples of a convolution) each re-read
-#: their kept weights, so beyond a few one dense GEMM that reads the weight once is faster.
+#: Most masks per linear call: rows with their own masks each re-read their kept weights, so
+#: beyond a few one dense GEMM that reads the weight once is faster. (A convolution's samples
+#: re-read theirs too, but a convolution's weight is small and its work per weight large.)
 MAX_ROWS = 8
 #: Packed weight rows are padded to this many floats (one AVX-512 register).
 LANES = 16
@@ -241,8 +242,6 @@ def _check_conv(case: Case) -> str | None:
         return "it takes ungrouped convolutions with numeric padding"
     if mask is None or len(mask) != 4 or mask[2:] != (1, 1):
         return "it takes channel or batch-shared masks only"
-    if case.shapes["x"][0] > MAX_ROWS:
-        return f"{case.shapes['x'][0]} samples exceed its {MAX_ROWS}-sample limit"
     return _build()
 
 

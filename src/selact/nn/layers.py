@@ -131,7 +131,6 @@ class SelectiveConv2d(SelectiveModule):
         weight = self.weight
         return (
             weight.dtype == torch.float32
-            and x.shape[0] <= cpu.MAX_ROWS
             and self.score_sample is None
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and not torch.is_autocast_enabled("cpu")

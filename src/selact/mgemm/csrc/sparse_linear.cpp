@@ -420,10 +420,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv(
   const float* xp = x.data_ptr<float>();
   const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
   const bool* kp = keep.data_ptr<bool>();
-  int64_t macs = 0;
-  std::vector<float> padded;
-  std::vector<int64_t> base, row;
-  for (int64_t s = 0; s < B; ++s) {
+  // Sample s: its kept channels, zero-padded, then the implicit GEMM; returns its MACs. Inside a
+  // parallel region (samples side by side) its own parallel loops run on the calling thread.
+  auto conv_sample = [&](int64_t s, std::vector<float>& padded, std::vector<int64_t>& base,
+                         std::vector<int64_t>& row) -> int64_t {
     const bool* ks = kp + (keep.size(0) == 1 ? 0 : s * C);
     std::vector<int64_t> kept;
     for (int64_t c = 0; c < C; ++c)
@@ -452,7 +452,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv(
       }
       sample_macs += part;
     });
-    macs += sample_macs.load() * n_out;
     base.clear();
     row.clear();
     for (int64_t i = 0; i < Ck; ++i)
@@ -462,8 +461,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv(
       }
     indexed_gemm({padded.data(), Wo, sh * Wp, sw, base.data(), row.data(), packed.data_ptr<float>(), b,
                   y.data_ptr<float>() + s * M * n_out, M, n_out, static_cast<int64_t>(base.size())});
+    return sample_macs.load() * n_out;
+  };
+  // Batches that the threads share evenly (or nearly: 4 samples a thread or more) run their
+  // samples side by side, one thread each: no fork per sample, and each thread's kept weights stay
+  // in its own L2. Otherwise the samples run one after another, each on all threads.
+  const int64_t threads = at::get_num_threads();
+  std::atomic<int64_t> macs{0};
+  if (threads > 1 && B >= threads && (B % threads == 0 || B >= 4 * threads)) {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> padded;
+      std::vector<int64_t> base, row;
+      int64_t part = 0;
+      for (int64_t s = b0; s < b1; ++s) part += conv_sample(s, padded, base, row);
+      macs += part;
+    });
+  } else {
+    std::vector<float> padded;
+    std::vector<int64_t> base, row;
+    for (int64_t s = 0; s < B; ++s) macs += conv_sample(s, padded, base, row);
   }
-  return {y, keep, at::scalar_tensor(count ? macs : 0, at::kLong)};
+  return {y, keep, at::scalar_tensor(count ? macs.load() : 0, at::kLong)};
 }
 
 TORCH_LIBRARY(selact_cpu, m) {
