@@ -46,8 +46,10 @@ def test_multihead_attention_density_one_equals_dense(batch_first, mode):
         ref_out, ref_weights = dense(q, k, v, average_attn_weights=average, **kwargs)
         torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
-    out, weights = model[0](q, k, v, need_weights=False, **kwargs)
+    out, weights = model[0](q, k, v, need_weights=False, **kwargs)  # PyTorch's fused attention
+    ref_out, _ = dense(q, k, v, need_weights=False, **kwargs)
     assert weights is None
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
 
 
 def test_multihead_attention_state_dict_keys_unchanged_and_densify_restores():

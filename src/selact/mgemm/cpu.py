@@ -64,7 +64,9 @@ def _build() -> str | None:
         )
         torch.library.register_fake("selact_cpu::sparse_linear")(_sparse_linear_fake)
         torch.library.register_fake("selact_cpu::channel_conv")(_channel_conv_fake)
+        torch.library.register_fake("selact_cpu::select_linear")(_select_linear_fake)
         KERNELS["linear"] = torch.ops.selact_cpu.sparse_linear.default
+        KERNELS["select_linear"] = torch.ops.selact_cpu.select_linear.default
         KERNELS["conv2d"] = torch.ops.selact_cpu.channel_conv.default
     except Exception as error:  # no compiler, no headers: the backend stays unavailable
         log.warning("selact: the CPU kernel could not be built (%s)", error)
@@ -75,6 +77,11 @@ def _build() -> str | None:
 def _sparse_linear_fake(x, mask, packed, bias, n_out, count):
     """Shapes of the kernel's results, so that torch.compile can trace around it."""
     return x.new_empty(x.shape[0], n_out), torch.empty((), dtype=torch.long)
+
+
+def _select_linear_fake(x, groups, k, norms, packed, bias, n_out, count):
+    keep = x.new_empty(groups, x.shape[1], dtype=torch.bool)
+    return x.new_empty(x.shape[0], n_out), keep, torch.empty((), dtype=torch.long)
 
 
 def _channel_conv_fake(
@@ -143,6 +150,21 @@ def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True):
     mask = None if in_mask is None else _grouped_mask(in_mask, x.shape)
     y, macs = KERNELS["linear"](rows, mask, packed_weight(weight), bias, n, count)
     return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)), macs if count else None
+
+
+def select_linear(x, weight, bias, *, groups, keep, norms=None, count=True):
+    """The AMU's feature top-k and the linear layer over the kept features, in one kernel call:
+    the rows of ``x`` (..., K) come in ``groups`` runs of consecutive rows (a sample's tokens, or
+    single rows), each keeping the ``keep`` features of largest mean ``|x|`` over its rows (SAPI),
+    times ``norms`` (K,) for SAPW; ties go to the lower feature. The selection of
+    :func:`selact.amu.mask` with channel granularity (element for runs of one row) and a top-k
+    budget. Returns (y, keep (groups, K) bool, MACs or None)."""
+    n, k = weight.shape
+    rows = x if x.dim() == 2 else x.reshape(-1, k)
+    y, kept, macs = KERNELS["select_linear"](
+        rows, groups, keep, norms, packed_weight(weight), bias, n, count
+    )
+    return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)), kept, macs if count else None
 
 
 def mask_groups(mask_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> tuple[int, int]:

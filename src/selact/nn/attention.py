@@ -154,9 +154,18 @@ class SelectiveMultiheadAttention(Converted, nn.Module):
             )
         b, lq, ls = q.shape[0], q.shape[1], k.shape[1]
         q, k, v = (t.reshape(b, -1, h, e // h).transpose(1, 2) for t in (q, k, v))
-        scores = (q * (e // h) ** -0.5) @ k.transpose(-2, -1)
-        scores = scores + _mask_bias(attn_mask, key_padding_mask, is_causal, b, h, lq, ls, scores)
-        out, probs = _attend(scores, v, self.attn, self.dropout, self.training)
+        if self.attn is None and not need_weights:  # no keys selected, no weights: SDPA
+            bias = None
+            if attn_mask is not None or key_padding_mask is not None or is_causal:
+                bias = _mask_bias(attn_mask, key_padding_mask, is_causal, b, h, lq, ls, q)
+            dropout = self.dropout if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        else:
+            scores = (q * (e // h) ** -0.5) @ k.transpose(-2, -1)
+            scores = scores + _mask_bias(
+                attn_mask, key_padding_mask, is_causal, b, h, lq, ls, scores
+            )
+            out, probs = _attend(scores, v, self.attn, self.dropout, self.training)
         out = self.out_proj(out.transpose(1, 2).reshape(b, lq, e))
         if unbatched:
             out = out.squeeze(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -10,7 +11,12 @@ from torch import nn
 
 from selact import amu, mgemm
 from selact.config import SelectiveConfig
+from selact.mgemm import cpu
+from selact.mgemm.registry import ENV_VAR
 from selact.nn.stats import Counter
+
+#: Strategies whose top-k the CPU kernels compute themselves (the fused routes).
+FUSED_STRATEGIES = ("sapi", "sapw")
 
 
 class Converted:
@@ -64,6 +70,8 @@ class SelectiveModule(Converted, nn.Module):
         self._threshold_checked = False
         self._norms_key: tuple | None = None
         self._norms: torch.Tensor | None = None
+        self._fused_for: tuple[SelectiveConfig, int] | None = None
+        self._fused_keep = 0  # inputs the fused route keeps per unit; 0: no fused route
 
     def input_mask(
         self, x: torch.Tensor, weight: torch.Tensor, layout: str, groups: int = 1
@@ -110,6 +118,9 @@ class SelectiveModule(Converted, nn.Module):
         """``x``'s selected inputs times ``weight`` (N, K), plus ``bias``: a selective linear
         layer's work, also for weights held elsewhere (MultiheadAttention's in-projection)."""
         self.check_input(x, size=weight.shape[1])
+        groups = self._fused_linear_groups(x, weight)
+        if groups:
+            return self._fused_project(x, weight, bias, groups)
         mask = self.input_mask(x, weight, "linear")
         x, weight, bias = self.autocast_operands(x, weight, bias)
         with self.blame():
@@ -122,6 +133,77 @@ class SelectiveModule(Converted, nn.Module):
                 backend=self.config.backend,
             )
         if self.config.counting:
+            with torch.no_grad():
+                zero_skip = mgemm.linear_macs(x != 0, None, weight.shape[0])
+            dense = mgemm.dense_linear_macs(x.shape, weight.shape[0])
+            self.record(x, mask, dense=dense, zero_skip=zero_skip, executed=executed)
+        return y
+
+    def fused_keep(self, units: int, granularities: tuple[str, ...]) -> int:
+        """How many of ``units`` inputs (features, channels) the fused CPU route keeps per
+        sample or row under this layer's config; 0 where the config has no fused route: the
+        AMU's top-k of SAPI or SAPW at ``granularities``, density below 1, the ``cpu`` backend
+        allowed and built. Worked out once per config and input size."""
+        known = self._fused_for
+        if known is None or known[0] is not self.config or known[1] != units:
+            c = self.config
+            self._fused_for = (c, units)
+            fused = (
+                c.strategy in FUSED_STRATEGIES
+                and c.granularity in granularities
+                and c.budget == "topk"
+                and c.density < 1.0
+                and c.backend in (None, "cpu")
+                and cpu.available()
+            )
+            self._fused_keep = amu.keep_count(c.density, units) if fused else 0
+        return self._fused_keep
+
+    def fused_call(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether this call may take a fused CPU route (one kernel call for the AMU's top-k and
+        the product, with none of the mask's tensor ops or the dispatcher's work): float32
+        inference on the CPU, outside calibration and autocast, ``SELACT_BACKEND`` unset or
+        ``cpu``. The same masks and outputs as the general route."""
+        return (
+            x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and weight.dtype == torch.float32
+            and self.score_sample is None
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.is_autocast_enabled("cpu")
+            and os.environ.get(ENV_VAR) in (None, "", "cpu")
+        )
+
+    def _fused_linear_groups(self, x: torch.Tensor, weight: torch.Tensor) -> int:
+        """The runs of rows the fused linear route selects for (a sample's tokens for channel
+        granularity, single rows for element), or 0: take the general route. Runs beyond the
+        kernel's :data:`~selact.mgemm.cpu.MAX_ROWS` re-read the weight each; the general route
+        decides those."""
+        k = weight.shape[1]
+        if not self.fused_keep(k, ("element", "channel")) or x.dim() == 0 or k == 0:
+            return 0
+        rows = x.numel() // k
+        groups = (
+            rows if self.config.granularity == "element" else (x.shape[0] if x.dim() > 1 else 1)
+        )
+        ok = 0 < groups <= cpu.MAX_ROWS and self.fused_call(x, weight)
+        return groups if ok else 0
+
+    def _fused_project(self, x, weight, bias, groups: int) -> torch.Tensor:
+        norms = None
+        if self.config.strategy == "sapw":
+            norms = self._input_norms(weight, "linear", 1).reshape(-1)
+        counting = self.config.counting
+        y, keep, executed = cpu.select_linear(
+            x, weight, bias, groups=groups, keep=self._fused_keep, norms=norms, count=counting
+        )
+        if counting:
+            if self.config.granularity == "element":
+                mask = keep.reshape(x.shape)
+            else:  # one feature mask per sample, broadcast over its tokens
+                mask = (
+                    keep.reshape(x.shape[0], *([1] * (x.dim() - 2)), -1) if x.dim() > 1 else keep[0]
+                )
             with torch.no_grad():
                 zero_skip = mgemm.linear_macs(x != 0, None, weight.shape[0])
             dense = mgemm.dense_linear_macs(x.shape, weight.shape[0])

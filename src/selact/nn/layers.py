@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selact import amu, mgemm
+from selact import mgemm
 from selact.config import SelectiveConfig
 from selact.mgemm import cpu
-from selact.mgemm.registry import ENV_VAR
 from selact.nn.base import SelectiveModule
 
 
@@ -68,8 +65,6 @@ class SelectiveConv2d(SelectiveModule):
         self.weight = conv.weight
         self.register_parameter("bias", conv.bias)
         self.remember(conv)
-        self._fused_for: SelectiveConfig | None = None
-        self._fused_keep = 0  # channels the fused route keeps per sample; 0: no fused route
         self._fused_geometry: tuple[int, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,35 +101,19 @@ class SelectiveConv2d(SelectiveModule):
 
     def _fused_route(self, x: torch.Tensor) -> bool:
         """Whether this call takes the CPU kernels' fused route: the AMU's channel top-k and the
-        channel-masked convolution in one kernel call, with none of the dispatcher's or the
-        mask's tensor ops (at batch 1 on small maps those cost more than the convolution). The
-        same masks and outputs as the general route."""
-        if self._fused_for is not self.config:  # what depends on the config alone, once
-            c = self._fused_for = self.config
-            fused = (
-                c.strategy in ("sapi", "sapw")
-                and c.granularity == "channel"
-                and c.budget == "topk"
-                and c.density < 1.0
-                and c.backend in (None, "cpu")
-                and self.groups == 1
-                and self.padding_mode == "zeros"
-                and not isinstance(self.padding, str)
-                and cpu.available()
-            )
-            self._fused_keep = amu.keep_count(c.density, self.in_channels) if fused else 0
+        channel-masked convolution in one kernel call (at batch 1 on small maps the mask's
+        tensor ops and the dispatcher's checks cost more than the convolution)."""
+        if not self.fused_keep(self.in_channels, ("channel",)):
+            return False
+        if not self._fused_geometry:  # what depends on the layer alone, once
             self._fused_geometry = cpu.conv_geometry(
                 self.weight.shape, self.stride, self.padding, self.dilation
             )
-        if not self._fused_keep or x.dtype != torch.float32 or x.device.type != "cpu":
-            return False
-        weight = self.weight
         return (
-            weight.dtype == torch.float32
-            and self.score_sample is None
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.is_autocast_enabled("cpu")
-            and os.environ.get(ENV_VAR) in (None, "", "cpu")
+            self.groups == 1
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+            and self.fused_call(x, self.weight)
         )
 
     def _fused_forward(self, x: torch.Tensor) -> tuple:

@@ -260,6 +260,25 @@ const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t n_out) {
   return bias->data_ptr<float>();
 }
 
+const float* norms_data(const c10::optional<at::Tensor>& norms, int64_t n) {
+  if (!norms.has_value()) return nullptr;
+  TORCH_CHECK(norms->scalar_type() == at::kFloat && norms->is_contiguous() && norms->numel() == n,
+              "norms: contiguous (", n, ",) float32");
+  return norms->data_ptr<float>();
+}
+
+// keep[i] = true for the k largest score[i] (times norms[i] where given); ties go to the lower i.
+void mark_top_k(std::vector<double>& score, const float* norms, int64_t k, std::vector<int64_t>& order, bool* keep) {
+  const int64_t n = static_cast<int64_t>(score.size());
+  if (norms)
+    for (int64_t i = 0; i < n; ++i) score[i] *= norms[i];
+  for (int64_t i = 0; i < n; ++i) order[i] = i;
+  std::nth_element(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
+    return score[a] > score[b] || (score[a] == score[b] && a < b);
+  });
+  for (int64_t i = 0; i < k; ++i) keep[order[i]] = true;
+}
+
 // The AMU's channel top-k for SAPI (norms undefined) and SAPW: per sample, the k channels of x
 // (B, C, H, W), any strides, with the largest mean |x| (times norms[c]); ties go to the lower
 // channel. Returns keep (B, C) bool: the selection of selact.amu.mask with channel granularity
@@ -267,12 +286,7 @@ const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t n_out) {
 at::Tensor channel_topk(const at::Tensor& x, const c10::optional<at::Tensor>& norms, int64_t k) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(k >= 1 && k <= C, "k must be in [1, C]");
-  const float* np = nullptr;
-  if (norms.has_value()) {
-    TORCH_CHECK(norms->scalar_type() == at::kFloat && norms->is_contiguous() && norms->numel() == C,
-                "norms: contiguous (C,) float32");
-    np = norms->data_ptr<float>();
-  }
+  const float* np = norms_data(norms, C);
   at::Tensor keep = at::zeros({B, C}, x.options().dtype(at::kBool));
   const float* xp = x.data_ptr<float>();
   const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
@@ -308,44 +322,50 @@ at::Tensor channel_topk(const at::Tensor& x, const c10::optional<at::Tensor>& no
         score[c] = total;
       }
     }
-    if (np)
-      for (int64_t c = 0; c < C; ++c) score[c] *= np[c];
-    for (int64_t c = 0; c < C; ++c) order[c] = c;
-    std::nth_element(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
-      return score[a] > score[b] || (score[a] == score[b] && a < b);
-    });
-    bool* kp = keep.data_ptr<bool>() + s * C;
-    for (int64_t i = 0; i < k; ++i) kp[order[i]] = true;
+    mark_top_k(score, np, k, order, keep.data_ptr<bool>() + s * C);
+  }
+  return keep;
+}
+
+// The AMU's top-k for linear inputs x (G·T, K), contiguous: per run g of T rows (a sample's
+// tokens; T = 1: per row) the k features with the largest mean |x| over the run (times
+// norms[f] for SAPW); ties go to the lower feature. Returns keep (G, K) bool: the selection of
+// selact.amu.mask with channel granularity (element when T = 1) and a top-k budget.
+at::Tensor feature_topk(const at::Tensor& x, int64_t G, const c10::optional<at::Tensor>& norms, int64_t k) {
+  const int64_t R = x.size(0), K = x.size(1), T = G > 0 ? R / G : 0;
+  TORCH_CHECK(k >= 1 && k <= K, "k must be in [1, K]");
+  const float* np = norms_data(norms, K);
+  at::Tensor keep = at::zeros({G, K}, x.options().dtype(at::kBool));
+  const float* xp = x.data_ptr<float>();
+  std::vector<double> score(K);
+  std::vector<float> sum(K);
+  std::vector<int64_t> order(K);
+  for (int64_t g = 0; g < G; ++g) {
+    std::fill(sum.begin(), sum.end(), 0.0f);
+    float* __restrict acc = sum.data();
+    for (int64_t t = 0; t < T; ++t) {
+      const float* __restrict xr = xp + (g * T + t) * K;
+#pragma omp simd
+      for (int64_t f = 0; f < K; ++f) acc[f] += std::abs(xr[f]);
+    }
+    for (int64_t f = 0; f < K; ++f) score[f] = sum[f];
+    mark_top_k(score, np, k, order, keep.data_ptr<bool>() + g * K);
   }
   return keep;
 }
 
 }  // namespace
 
-// y = (mask ⊙ x) Wᵀ + b for x (R, K) float32 and mask (G, K) or (K,) (G = 1), G dividing R: the
-// g-th run of R/G consecutive rows shares mask row g (per row: G = R; per sample of a token
-// sequence: G = samples). Without a mask every input is kept. Returns (y, MACs): the kept nonzero
-// inputs times N (zero when count is false). Runs of one row take the GEMV, longer runs one GEMM
-// each over their kept inputs.
-std::tuple<at::Tensor, at::Tensor> sparse_linear(const at::Tensor& x_in, const c10::optional<at::Tensor>& mask_in,
-                                                 const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
-                                                 int64_t n_out, bool count) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x: (R, K) float32");
-  const at::Tensor x = x_in.contiguous();  // copies only what is not (cheaper here than in Python)
-  const c10::optional<at::Tensor> mask =
-      mask_in.has_value() ? c10::optional<at::Tensor>(mask_in->contiguous()) : c10::nullopt;
+namespace {
+
+// y = (m ⊙ x) Wᵀ + b for x (R, K) contiguous float32 and m (G, K) (or null: every input kept,
+// G = R), G dividing R: runs of one row take the GEMV, longer runs one GEMM each over their kept
+// inputs. Returns (y, MACs): the kept nonzero inputs times N (zero when count is false).
+std::tuple<at::Tensor, at::Tensor> masked_linear(const at::Tensor& x, const bool* m, int64_t G, const at::Tensor& packed,
+                                                 const c10::optional<at::Tensor>& bias, int64_t n_out, bool count) {
   const int64_t R = x.size(0), K = x.size(1);
   check_packed(packed, K, n_out);
   const int64_t Np = packed.size(1);
-  const bool* m = nullptr;
-  int64_t G = R;  // no mask: every row on its own (the GEMV skips its zeros)
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool, "mask: bool");
-    TORCH_CHECK((mask->dim() == 1 || mask->dim() == 2) && mask->size(-1) == K, "mask must be (G, K) or (K,)");
-    G = mask->dim() == 1 ? 1 : mask->size(0);
-    TORCH_CHECK(G > 0 ? R % G == 0 : R == 0, "mask has ", G, " rows, which do not divide the ", R, " rows of x");
-    m = mask->data_ptr<bool>();
-  }
   const float* b = bias_data(bias, n_out);
   const float* xp = x.data_ptr<float>();
   const float* wt = packed.data_ptr<float>();
@@ -375,6 +395,42 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear(const at::Tensor& x_in, const c
     }
   }
   return {y, at::scalar_tensor(count ? macs : 0, at::kLong)};
+}
+
+}  // namespace
+
+// y = (mask ⊙ x) Wᵀ + b for x (R, K) float32 and mask (G, K) or (K,) (G = 1), G dividing R: the
+// g-th run of R/G consecutive rows shares mask row g (per row: G = R; per sample of a token
+// sequence: G = samples). Without a mask every input is kept. Returns (y, MACs), see masked_linear.
+std::tuple<at::Tensor, at::Tensor> sparse_linear(const at::Tensor& x_in, const c10::optional<at::Tensor>& mask_in,
+                                                 const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+                                                 int64_t n_out, bool count) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x: (R, K) float32");
+  const at::Tensor x = x_in.contiguous();  // copies only what is not (cheaper here than in Python)
+  const int64_t R = x.size(0), K = x.size(1);
+  if (!mask_in.has_value()) return masked_linear(x, nullptr, R, packed, bias, n_out, count);
+  const at::Tensor mask = mask_in->contiguous();
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask: bool");
+  TORCH_CHECK((mask.dim() == 1 || mask.dim() == 2) && mask.size(-1) == K, "mask must be (G, K) or (K,)");
+  const int64_t G = mask.dim() == 1 ? 1 : mask.size(0);
+  TORCH_CHECK(G > 0 ? R % G == 0 : R == 0, "mask has ", G, " rows, which do not divide the ", R, " rows of x");
+  return masked_linear(x, mask.data_ptr<bool>(), G, packed, bias, n_out, count);
+}
+
+// The AMU's feature top-k and the masked linear in one call: x (R, K) float32 in G runs of R/G
+// rows (a sample's tokens, or single rows), each run keeping its k features of largest mean |x|
+// (times norms for SAPW; see feature_topk). Returns (y, keep (G, K) bool, MACs).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_linear(const at::Tensor& x_in, int64_t G, int64_t k,
+                                                             const c10::optional<at::Tensor>& norms,
+                                                             const at::Tensor& packed,
+                                                             const c10::optional<at::Tensor>& bias, int64_t n_out,
+                                                             bool count) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x: (R, K) float32");
+  const at::Tensor x = x_in.contiguous();
+  TORCH_CHECK(G > 0 ? x.size(0) % G == 0 : x.size(0) == 0, G, " runs do not divide the ", x.size(0), " rows of x");
+  const at::Tensor keep = feature_topk(x, G, norms, k);
+  auto [y, macs] = masked_linear(x, keep.data_ptr<bool>(), G, packed, bias, n_out, count);
+  return {y, keep, macs};
 }
 
 // A convolution of x (B, C, H, W), any strides, in which sample b keeps the input channels
@@ -487,11 +543,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv(
 TORCH_LIBRARY(selact_cpu, m) {
   m.def("sparse_linear(Tensor x, Tensor? mask, Tensor packed, Tensor? bias, int n_out, bool count) -> (Tensor, Tensor)");
   m.def(
+      "select_linear(Tensor x, int groups, int k, Tensor? norms, Tensor packed, Tensor? bias, int n_out, bool count) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
       "channel_conv(Tensor x, Tensor? keep, int k, Tensor? norms, Tensor packed, Tensor? bias, int n_out, int kh, "
       "int kw, int sh, int sw, int ph, int pw, int dh, int dw, bool count) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(selact_cpu, CPU, m) {
   m.impl("sparse_linear", &sparse_linear);
+  m.impl("select_linear", &select_linear);
   m.impl("channel_conv", &channel_conv);
 }
