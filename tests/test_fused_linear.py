@@ -127,6 +127,8 @@ def test_fused_route_only_where_it_serves(monkeypatch):
         tokens = torch.randn(9, 3, 8)  # 9 samples: each would re-read the weight
         assert layer._fused_linear_groups(tokens, linear.weight) == 0
         assert layer._fused_linear_groups(tokens[:8], linear.weight) == 8
+        sequences = torch.randn(9, 8, 8)  # 9 samples of 8 tokens: enough work per weight read
+        assert layer._fused_linear_groups(sequences, linear.weight) == 9
         per_row = _layer(linear, density=0.5, granularity="element")
         assert per_row._fused_linear_groups(tokens[:2], linear.weight) == 6  # rows, not samples
         assert per_row._fused_linear_groups(tokens[:3], linear.weight) == 0  # 9 rows

@@ -460,3 +460,30 @@ def test_cpu_conv_batch_equals_its_samples_one_by_one(batch, shared):
     expected = mgemm.conv2d(x, weight, bias, 2, 1, in_mask=mask, backend="reference")
     torch.testing.assert_close(y, expected[0], rtol=1e-4, atol=1e-4)
     assert int(macs) == int(expected[1])
+
+
+@pytest.mark.parametrize(("samples", "tokens"), [(2, 3), (3, 8), (9, 8), (12, 10)])
+def test_cpu_linear_token_runs_equal_their_samples_one_by_one(samples, tokens):
+    """Per-sample masks on token sequences: up to 8 samples, or any number of 8 tokens or more
+    (side by side on 2 threads when they share evenly); each sample's output and MACs are
+    exactly those of the sample alone. Shorter runs beyond 8 are declined."""
+    from selact.mgemm import cpu
+
+    torch.manual_seed(samples)
+    x = torch.relu(torch.randn(samples, tokens, 24))
+    weight, bias = torch.randn(40, 24), torch.randn(40)
+    mask = torch.rand(samples, 1, 24) < 0.5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y, macs = mgemm.linear(x, weight, bias, in_mask=mask, backend="cpu")
+        alone = [cpu.linear(x[i], weight, bias, in_mask=mask[i, 0]) for i in range(samples)]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y, torch.stack([a[0] for a in alone]))
+    assert int(macs) == sum(int(a[1]) for a in alone)
+    expected = mgemm.linear(x, weight, bias, in_mask=mask, backend="reference")
+    torch.testing.assert_close(y, expected[0], rtol=1e-4, atol=1e-4)
+    assert int(macs) == int(expected[1])
+    short = mgemm.linear_case(torch.randn(9, 2, 24), weight, in_mask=torch.rand(9, 1, 24) < 0.5)
+    assert "limit" in mgemm.why_not("cpu", short)  # 9 runs of 2 rows: each re-reads its weights

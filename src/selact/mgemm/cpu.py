@@ -6,7 +6,8 @@ a dropped input costs no memory traffic at all. float32, inference:
 
 - linear: per-row masks (up to :data:`MAX_ROWS` rows) as a split-K GEMV per row; a mask shared
   by runs of rows (a batch-shared mask, or a token sequence's per-sample mask; up to
-  :data:`MAX_ROWS` runs, any number of rows) as one GEMM per run over its kept inputs;
+  :data:`MAX_ROWS` runs, or any number of runs of :data:`MAX_ROWS` rows or more) as one GEMM
+  per run over its kept inputs, the runs side by side when the threads share them evenly;
 - conv2d with channel or batch-shared masks (ungrouped, any batch): per sample an implicit GEMM
   over a zero-padded copy of the kept channels, any size, stride, padding and dilation; the
   samples of a batch side by side, one thread each. Its output is in channels-last memory format.
@@ -251,10 +252,22 @@ def _check(case: Case) -> str | None:
         return "it has no output-mask kernel"
     mask, x = case.shapes["in_mask"], case.shapes["x"]
     groups, rows = mask_groups(x if mask is None else mask, x)
-    if groups > MAX_ROWS:
-        what = "rows with their own masks" if groups == rows else "mask rows"
-        return f"{groups} {what} exceed its {MAX_ROWS}-row limit"
+    if not serves_runs(groups, rows):
+        if groups == rows:
+            return f"{rows} rows with their own masks exceed its {MAX_ROWS}-row limit"
+        return (
+            f"{groups} mask rows of {rows // groups} input rows each exceed its limit "
+            f"({MAX_ROWS} mask rows, or {MAX_ROWS} input rows per mask row)"
+        )
     return _build()
+
+
+def serves_runs(groups: int, rows: int) -> bool:
+    """Whether the linear kernel takes ``rows`` in ``groups`` runs that each share a mask: at
+    most :data:`MAX_ROWS` runs, or runs of at least :data:`MAX_ROWS` rows each. A run re-reads
+    its kept weights; a run of 8 rows or more does enough work per weight read (as a dense GEMM
+    does) for its weights, often in L2, not to limit it."""
+    return groups <= MAX_ROWS or rows >= groups * MAX_ROWS
 
 
 def _check_conv(case: Case) -> str | None:

@@ -176,9 +176,8 @@ class SelectiveModule(Converted, nn.Module):
 
     def _fused_linear_groups(self, x: torch.Tensor, weight: torch.Tensor) -> int:
         """The runs of rows the fused linear route selects for (a sample's tokens for channel
-        granularity, single rows for element), or 0: take the general route. Runs beyond the
-        kernel's :data:`~selact.mgemm.cpu.MAX_ROWS` re-read the weight each; the general route
-        decides those."""
+        granularity, single rows for element), or 0: take the general route. The kernel's limit
+        on runs (:func:`selact.mgemm.cpu.serves_runs`) applies: each run re-reads its weights."""
         k = weight.shape[1]
         if not self.fused_keep(k, ("element", "channel")) or x.dim() == 0 or k == 0:
             return 0
@@ -186,7 +185,7 @@ class SelectiveModule(Converted, nn.Module):
         groups = (
             rows if self.config.granularity == "element" else (x.shape[0] if x.dim() > 1 else 1)
         )
-        ok = 0 < groups <= cpu.MAX_ROWS and self.fused_call(x, weight)
+        ok = groups > 0 and cpu.serves_runs(groups, rows) and self.fused_call(x, weight)
         return groups if ok else 0
 
     def _fused_project(self, x, weight, bias, groups: int) -> torch.Tensor:

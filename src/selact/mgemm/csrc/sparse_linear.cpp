@@ -39,6 +39,26 @@ constexpr int64_t KC = 128;    // kept rows of Wt per block: 128 x 64 x 4 B = 32
 constexpr int GEMV_ROWS = 8;  // kept rows streamed at once by the GEMV
 constexpr int64_t MIN_WORK = 1 << 15;  // multiply-adds (or copies) below which a thread is not worth waking
 
+// Whether `units` independent products (a batch's samples, a token sequence's runs) run side by
+// side, one thread each, rather than one after another on all threads: when the threads share
+// them evenly, or nearly (4 a thread or more). No fork per unit, and each thread's kept weights
+// stay in its own L2.
+bool side_by_side(int64_t units) {
+  const int64_t threads = at::get_num_threads();
+  return threads > 1 && units >= threads && (units % threads == 0 || units >= 4 * threads);
+}
+
+// body(u0, u1) for the units [0, units): split between the threads when side_by_side, else in one
+// call on this thread, outside any parallel region, so that the body's own loops use all threads
+// (at::parallel_for would run it marked as inside one, and the body's loops serially).
+template <class F>
+void for_units(int64_t units, const F& body) {
+  if (side_by_side(units))
+    at::parallel_for(0, units, 1, body);
+  else
+    body(0, units);
+}
+
 // ---------------------------------------------------------------------------------------------
 // gemv
 
@@ -376,9 +396,10 @@ std::tuple<at::Tensor, at::Tensor> masked_linear(const at::Tensor& x, const bool
   if (T == 1) {
     for (int64_t r = 0; r < R; ++r)
       macs += gemv(xp + r * K, m == nullptr ? nullptr : m + r * K, K, wt, n_out, Np, b, yp + r * n_out);
-  } else {
-    std::vector<int64_t> base, row;
-    for (int64_t g = 0; g < G && T > 0; ++g) {
+  } else if (T > 0) {
+    // Run g: one GEMM over its kept inputs. Runs that the threads share evenly (or nearly)
+    // go side by side, one thread each, as a convolution's samples do; else one after another.
+    auto run = [&](int64_t g, std::vector<int64_t>& base, std::vector<int64_t>& row) -> int64_t {
       base.clear();
       row.clear();
       for (int64_t k = 0; k < K; ++k)
@@ -389,10 +410,20 @@ std::tuple<at::Tensor, at::Tensor> masked_linear(const at::Tensor& x, const bool
       const int64_t J = static_cast<int64_t>(base.size());
       const float* xg = xp + g * T * K;
       indexed_gemm({xg, T, 0, K, base.data(), row.data(), wt, b, yp + g * T * n_out, T, n_out, J});
+      int64_t part = 0;
       if (count)
         for (int64_t r = 0; r < T; ++r)
-          for (int64_t j = 0; j < J; ++j) macs += (xg[r * K + base[j]] != 0.0f) * n_out;
-    }
+          for (int64_t j = 0; j < J; ++j) part += (xg[r * K + base[j]] != 0.0f) * n_out;
+      return part;
+    };
+    std::atomic<int64_t> total{0};
+    for_units(G, [&](int64_t g0, int64_t g1) {
+      std::vector<int64_t> base, row;
+      int64_t part = 0;
+      for (int64_t g = g0; g < g1; ++g) part += run(g, base, row);
+      total += part;
+    });
+    macs = total.load();
   }
   return {y, at::scalar_tensor(count ? macs : 0, at::kLong)};
 }
@@ -519,24 +550,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv(
                   y.data_ptr<float>() + s * M * n_out, M, n_out, static_cast<int64_t>(base.size())});
     return sample_macs.load() * n_out;
   };
-  // Batches that the threads share evenly (or nearly: 4 samples a thread or more) run their
-  // samples side by side, one thread each: no fork per sample, and each thread's kept weights stay
-  // in its own L2. Otherwise the samples run one after another, each on all threads.
-  const int64_t threads = at::get_num_threads();
+  // The samples side by side, one thread each (see side_by_side), or one after another, each on
+  // all threads.
   std::atomic<int64_t> macs{0};
-  if (threads > 1 && B >= threads && (B % threads == 0 || B >= 4 * threads)) {
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> padded;
-      std::vector<int64_t> base, row;
-      int64_t part = 0;
-      for (int64_t s = b0; s < b1; ++s) part += conv_sample(s, padded, base, row);
-      macs += part;
-    });
-  } else {
+  for_units(B, [&](int64_t b0, int64_t b1) {
     std::vector<float> padded;
     std::vector<int64_t> base, row;
-    for (int64_t s = 0; s < B; ++s) macs += conv_sample(s, padded, base, row);
-  }
+    int64_t part = 0;
+    for (int64_t s = b0; s < b1; ++s) part += conv_sample(s, padded, base, row);
+    macs += part;
+  });
   return {y, keep, at::scalar_tensor(count ? macs.load() : 0, at::kLong)};
 }
 
