@@ -25,6 +25,7 @@ import hashlib
 import logging
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,9 +42,18 @@ MAX_ROWS = 8
 #: Packed weight rows are padded to this many floats (one AVX-512 register).
 LANES = 16
 _SOURCE = Path(__file__).parent / "csrc" / "sparse_linear.cpp"
-#: The built kernels as torch ops (filled by :func:`_build`), held here: looking them up under
-#: ``torch.ops`` on every call costs more than a small layer's arithmetic.
-KERNELS: dict[str, torch._ops.OpOverload] = {}
+#: The built kernels (filled by :func:`_build`) as plain Python functions, for eager calls: they
+#: skip PyTorch's dispatcher, which boxes every argument (measured: 1.1 instead of 2.4 us a call
+#: warm, 4.5 instead of 10.9 us right after a dense 768 -> 3072 layer has evicted the caches).
+KERNELS: dict[str, Callable] = {}
+#: The same kernels as torch ops, with fake implementations: what torch.compile traces.
+OPS: dict[str, torch._ops.OpOverload] = {}
+
+
+def _kernel(name: str) -> Callable:
+    """The kernel ``name`` as this call needs it: a torch op while torch.compile traces, else the
+    plain function."""
+    return OPS[name] if torch.compiler.is_compiling() else KERNELS[name]
 
 
 @functools.cache
@@ -56,19 +66,20 @@ def _build() -> str | None:
         # A build folder per source version: processes that load different versions at once
         # (an edit while tests run) never share a half-written library.
         digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()
-        cpp_extension.load(
+        module = cpp_extension.load(
             name=f"selact_cpu_{digest[:12]}",
             sources=[str(_SOURCE)],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
-            is_python_module=False,
         )
-        torch.library.register_fake("selact_cpu::sparse_linear")(_sparse_linear_fake)
-        torch.library.register_fake("selact_cpu::channel_conv")(_channel_conv_fake)
-        torch.library.register_fake("selact_cpu::select_linear")(_select_linear_fake)
-        KERNELS["linear"] = torch.ops.selact_cpu.sparse_linear.default
-        KERNELS["select_linear"] = torch.ops.selact_cpu.select_linear.default
-        KERNELS["conv2d"] = torch.ops.selact_cpu.channel_conv.default
+        for name, op, fake in (
+            ("linear", "sparse_linear", _sparse_linear_fake),
+            ("select_linear", "select_linear", _select_linear_fake),
+            ("conv2d", "channel_conv", _channel_conv_fake),
+        ):
+            torch.library.register_fake(f"selact_cpu::{op}")(fake)
+            OPS[name] = getattr(torch.ops.selact_cpu, op).default
+            KERNELS[name] = getattr(module, op)
     except Exception as error:  # no compiler, no headers: the backend stays unavailable
         log.warning("selact: the CPU kernel could not be built (%s)", error)
         return f"its kernel could not be built ({type(error).__name__})"
@@ -149,7 +160,7 @@ def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True):
     n, k = weight.shape
     rows = x if x.dim() == 2 else x.reshape(-1, k)  # the kernel makes it contiguous if need be
     mask = None if in_mask is None else _grouped_mask(in_mask, x.shape)
-    y, macs = KERNELS["linear"](rows, mask, packed_weight(weight), bias, n, count)
+    y, macs = _kernel("linear")(rows, mask, packed_weight(weight), bias, n, count)
     return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)), macs if count else None
 
 
@@ -162,7 +173,7 @@ def select_linear(x, weight, bias, *, groups, keep, norms=None, count=True):
     budget. Returns (y, keep (groups, K) bool, MACs or None)."""
     n, k = weight.shape
     rows = x if x.dim() == 2 else x.reshape(-1, k)
-    y, kept, macs = KERNELS["select_linear"](
+    y, kept, macs = _kernel("select_linear")(
         rows, groups, keep, norms, packed_weight(weight), bias, n, count
     )
     return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)), kept, macs if count else None
@@ -207,7 +218,7 @@ def conv2d(
     """A channel-masked convolution as an implicit GEMM over the kept channels (channels-last
     output)."""
     geometry = conv_geometry(weight.shape, stride, padding, dilation)
-    y, _, macs = KERNELS["conv2d"](
+    y, _, macs = _kernel("conv2d")(
         x, in_mask, 0, None, packed_weight(weight), bias, *geometry, count
     )
     return y, macs if count else None
@@ -225,7 +236,7 @@ def select_conv2d(x, weight, bias, geometry, *, keep, norms=None, count=True):
     (C,) for SAPW; ties go to the lower channel. The selection of :func:`selact.amu.mask` with
     channel granularity and a top-k budget. ``geometry``: :func:`conv_geometry`. Returns
     (y, keep (B, C) bool, MACs or None)."""
-    y, kept, macs = KERNELS["conv2d"](
+    y, kept, macs = _kernel("conv2d")(
         x, None, keep, norms, packed_weight(weight), bias, *geometry, count
     )
     return y, kept, macs if count else None

@@ -16,7 +16,10 @@
 //    implicit GEMM over a zero-padded copy of its kept channels, with no im2col buffer. Blocked
 //    as a GEMM: up to 64 columns x 4-12 rows of accumulators in registers, 128 kept rows of Wt per block
 //    (32 KB, in L1) reused across all rows of C.
-// Both run on ATen's thread pool (torch.set_num_threads applies).
+// Both run on ATen's thread pool (torch.set_num_threads applies). The ops are registered twice:
+// as torch ops (what torch.compile traces, with fake implementations in Python) and as plain
+// Python functions (eager calls skip the dispatcher's boxing of every argument).
+#include <torch/extension.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -577,4 +580,10 @@ TORCH_LIBRARY_IMPL(selact_cpu, CPU, m) {
   m.impl("sparse_linear", &sparse_linear);
   m.impl("select_linear", &select_linear);
   m.impl("channel_conv", &channel_conv);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sparse_linear", &sparse_linear);
+  m.def("select_linear", &select_linear);
+  m.def("channel_conv", &channel_conv);
 }
