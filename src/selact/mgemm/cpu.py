@@ -225,7 +225,16 @@ def conv2d(
 
 
 def conv_geometry(weight_shape, stride, padding, dilation) -> tuple[int, ...]:
-    """A convolution's shape as the kernel takes it: (N, kh, kw, sh, sw, ph, pw, dh, dw)."""
+    """A convolution's shape as the kernel takes it: (N, kh, kw, sh, sw, ph, pw, dh, dw); looked
+    up, not rebuilt, for the settings a model calls with every time."""
+    try:
+        return _geometry(weight_shape, stride, padding, dilation)
+    except TypeError:  # settings given as lists
+        return _geometry.__wrapped__(weight_shape, stride, padding, dilation)
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry(weight_shape, stride, padding, dilation) -> tuple[int, ...]:
     c_out, _, kh, kw = weight_shape
     return (c_out, kh, kw, *_pair(stride), *_pair(padding), *_pair(dilation))
 
