@@ -103,18 +103,18 @@ class SelectiveConv2d(SelectiveModule):
         """Whether this call takes the CPU kernels' fused route: the AMU's channel top-k and the
         channel-masked convolution in one kernel call (at batch 1 on small maps the mask's
         tensor ops and the dispatcher's checks cost more than the convolution)."""
-        if not self.fused_keep(self.in_channels, ("channel",)):
+        if (
+            not self.fused_keep(self.in_channels, ("channel",))
+            or self.groups != 1
+            or self.padding_mode != "zeros"
+            or isinstance(self.padding, str)
+        ):
             return False
         if not self._fused_geometry:  # what depends on the layer alone, once
             self._fused_geometry = cpu.conv_geometry(
                 self.weight.shape, self.stride, self.padding, self.dilation
             )
-        return (
-            self.groups == 1
-            and self.padding_mode == "zeros"
-            and not isinstance(self.padding, str)
-            and self.fused_call(x, self.weight)
-        )
+        return self.fused_call(x, self.weight)
 
     def _fused_forward(self, x: torch.Tensor) -> tuple:
         norms = None
