@@ -17,6 +17,7 @@ from selact import amu, mgemm
 from selact.mgemm import cpu
 from selact.models import create_model
 from selact.nn import SelectiveConv2d
+from tests.models import assert_fused_routes_match_the_general_route
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU kernels could not be built")
 
@@ -97,21 +98,9 @@ def test_fused_route_keeps_a_top_k_and_multiplies_exactly(
 def test_fused_route_matches_the_general_route_on_a_model():
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=10).eval()
-    fused = selact.sparsify(model, strategy="sapi", density=0.35, granularity="channel")
-    x = torch.randn(2, 3, 32, 32)
-    with torch.inference_mode():
-        y_fused = fused(x)
-        fused_stats = selact.stats(fused).total
-    general = selact.densify(fused)
-    general = selact.sparsify(
-        general, strategy="sapi", density=0.35, granularity="channel", backend="reference"
+    assert_fused_routes_match_the_general_route(
+        model, torch.randn(2, 3, 32, 32), strategy="sapi", density=0.35, granularity="channel"
     )
-    with torch.inference_mode():
-        y_general = general(x)
-        general_stats = selact.stats(general).total
-    torch.testing.assert_close(y_fused, y_general, rtol=1e-4, atol=1e-4)
-    assert fused_stats.executed_macs == general_stats.executed_macs
-    assert fused_stats.zero_skip_macs == general_stats.zero_skip_macs
 
 
 def test_fused_route_only_where_it_serves(monkeypatch):
