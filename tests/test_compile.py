@@ -39,3 +39,24 @@ def test_torch_compile_matches_eager():
         compiled = torch.compile(model)
         torch.testing.assert_close(compiled(x), expected)
         torch.testing.assert_close(compiled(torch.randn(1, 3, 8, 8) * 0 + x), expected)
+
+
+def test_cpu_kernels_are_custom_ops_with_matching_fake_implementations():
+    """``torch.ops.selact_cpu.*``: schemas and fake implementations (what torch.compile traces)
+    agree with the kernels on shapes, dtypes and memory formats."""
+    from selact.mgemm import cpu
+
+    if not cpu.available():
+        pytest.skip("the CPU kernels could not be built")
+    torch.manual_seed(0)
+    x, w, b = torch.randn(6, 20), torch.randn(7, 20), torch.randn(7)
+    packed = cpu.packed_weight(w)
+    mask = torch.rand(2, 20) < 0.5
+    image, kernel = torch.randn(2, 5, 6, 6), torch.randn(4, 5, 3, 3)
+    geometry = cpu.conv_geometry(kernel.shape, 1, 1, 1)
+    ops = torch.ops.selact_cpu
+    checks = "test_schema", "test_faketensor"
+    torch.library.opcheck(ops.sparse_linear, (x, mask, packed, b, 7, True), test_utils=checks)
+    torch.library.opcheck(ops.select_linear, (x, 3, 4, None, packed, b, 7, True), test_utils=checks)
+    conv_args = (image, None, 2, None, cpu.packed_weight(kernel), None, *geometry, True)
+    torch.library.opcheck(ops.channel_conv, conv_args, test_utils=checks)
