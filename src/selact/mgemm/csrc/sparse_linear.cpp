@@ -154,6 +154,11 @@ struct Gemm {
   int64_t M, N, J;
 };
 
+// A block of the GEMM: columns [n0, n0 + 64) of C, kept rows [j0, j1).
+struct Block {
+  int64_t n0, j0, j1;
+};
+
 #if defined(__AVX512F__)
 // C[m0 : m0 + P, n0 : n0 + 16·Q] (+)= Σ_{j in [j0, j1)} A(m, j) · Wt[k_j][n0 : ...] for P rows
 // of one line, whose A entries are `step` apart (UNIT: step 1, addresses known at compile time).
@@ -214,21 +219,41 @@ struct Tiles {
 
 // Rows [m0, m1) of C, columns [n0, n0 + 64), kept rows [j0, j1): register tiles that never
 // straddle two lines.
-void run_rows(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t j0, int64_t j1, bool first) {
+// Kept rows [j0, j1) of Wt, columns [n0, n0 + 64), fetched into L2.
+void prefetch_block(const Gemm& g, int64_t n0, int64_t j0, int64_t j1) {
+  const int64_t lines = (std::min(NR, g.N - n0) + LANES - 1) / LANES;
+  for (int64_t j = j0; j < j1; ++j) {
+    const char* w = reinterpret_cast<const char*>(g.wt + g.row[j] + n0);
+    for (int64_t line = 0; line < lines; ++line) _mm_prefetch(w + 64 * line, _MM_HINT_T1);
+  }
+}
+
+// Block `next` (columns from next.n0, kept rows [next.j0, next.j1)) is fetched a share per
+// register tile while this block computes: its rows are scattered, so no hardware prefetcher
+// sees them coming, and a block read cold from L3 stalls the tiles for microseconds.
+void run_rows(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t j0, int64_t j1, bool first,
+              const Block& next) {
   const int64_t cols = std::min(NR, g.N - n0), regs = (cols + LANES - 1) / LANES;
   const __mmask16 tail = static_cast<__mmask16>((1u << (cols - (regs - 1) * LANES)) - 1u);
   const int64_t most = ROWS_FOR[regs];
+  const int64_t share = std::max<int64_t>(1, (next.j1 - next.j0) * most / std::max<int64_t>(1, m1 - m0));
+  int64_t ahead = next.j0;
   for (int64_t m = m0; m < m1;) {
     const int64_t l = m / g.line, i = m % g.line, rows = std::min({most, m1 - m, g.line - i});
     const float* a0 = g.src + l * g.line_stride + i * g.step;
     const TileFn fn = g.step == 1 ? Tiles<true>::get(regs, rows) : Tiles<false>::get(regs, rows);
     fn(g, a0, m, n0, j0, j1, first, tail);
+    if (ahead < next.j1) {
+      prefetch_block(g, next.n0, ahead, std::min(next.j1, ahead + share));
+      ahead += share;
+    }
     m += rows;
   }
 }
 #else
 // Portable version: the same blocking, the compiler vectorises the column loop.
-void run_rows(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t j0, int64_t j1, bool first) {
+void run_rows(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t j0, int64_t j1, bool first,
+              const Block&) {
   const int64_t cols = std::min(NR, g.N - n0);
   for (int64_t m = m0; m < m1; ++m) {
     float* cp = g.c + m * g.N + n0;
@@ -258,9 +283,14 @@ void indexed_gemm(const Gemm& g) {
       const int64_t b0 = n_blocks * np / n_parts, b1 = n_blocks * (np + 1) / n_parts;
       const int64_t m0 = g.M * mp / m_parts, m1 = g.M * (mp + 1) / m_parts;
       if (g.J == 0)
-        for (int64_t b = b0; b < b1; ++b) run_rows(g, m0, m1, b * NR, 0, 0, true);
+        for (int64_t b = b0; b < b1; ++b) run_rows(g, m0, m1, b * NR, 0, 0, true, {0, 0, 0});
       for (int64_t j0 = 0; j0 < g.J; j0 += KC)
-        for (int64_t b = b0; b < b1; ++b) run_rows(g, m0, m1, b * NR, j0, std::min(g.J, j0 + KC), j0 == 0);
+        for (int64_t b = b0; b < b1; ++b) {
+          const bool last_column = b + 1 == b1;  // the blocks run column block by column block
+          const int64_t next_j0 = last_column ? j0 + KC : j0;
+          const Block next{(last_column ? b0 : b + 1) * NR, std::min(g.J, next_j0), std::min(g.J, next_j0 + KC)};
+          run_rows(g, m0, m1, b * NR, j0, std::min(g.J, j0 + KC), j0 == 0, next);
+        }
     }
   });
 }
