@@ -15,7 +15,7 @@ a dropped input costs no memory traffic at all. float32, inference:
 Under ``torch.compile`` the backend's entry points run eagerly, one graph break each: the packed
 weight comes from a cache keyed by the weight's storage and version, which the compiler cannot
 trace, and traced, the entry points broke the graph several times per layer (measured: ResNet-20
-selective at batch 1, compiled, 2.7 ms against 1.0 ms eager; 1.6 ms with one break per layer).
+selective at batch 1, compiled, 2.7 ms against 1.0 ms eager; 1.9 ms with one break per layer).
 
 The kernels are compiled with the machine's C++ compiler on first use (about 30 s, cached by
 PyTorch in ``TORCH_EXTENSIONS_DIR``); without a compiler the backend declines every case and the
@@ -53,6 +53,13 @@ _SOURCE = Path(__file__).parent / "csrc" / "sparse_linear.cpp"
 #: of 1.1 us a call warm, 10.9 instead of 4.5 us right after a dense 768 -> 3072 layer has
 #: evicted the caches).
 KERNELS: dict[str, Callable] = {}
+
+
+#: Calls ``fn(*args, **kwargs)`` eagerly under torch.compile (a graph break; see the module's
+#: docstring). The entry points check ``torch.compiler.is_compiling()`` themselves rather than being
+#: wrapped by ``torch.compiler.disable``, whose wrapper cost every eager call about 5 us under a
+#: cold cache against the check's 2 us (the kernel benchmark's 64x32x32 convolution at 0.25).
+_eagerly = torch.compiler.disable(lambda fn, *args, **kwargs: fn(*args, **kwargs))
 
 
 @functools.cache
@@ -157,8 +164,9 @@ _MADV_HUGEPAGE = 14  # linux/mman.h
 _madvise = _libc_madvise()
 
 
-@torch.compiler.disable  # a graph break: see the module's docstring
 def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True):
+    if torch.compiler.is_compiling():
+        return _eagerly(linear, x, weight, bias, in_mask=in_mask, out_mask=out_mask, count=count)
     n, k = weight.shape
     rows = x if x.dim() == 2 else x.reshape(-1, k)  # the kernel makes it contiguous if need be
     mask = None if in_mask is None else _grouped_mask(in_mask, x.shape)
@@ -166,7 +174,6 @@ def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True):
     return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)), macs if count else None
 
 
-@torch.compiler.disable  # a graph break: see the module's docstring
 def select_linear(x, weight, bias, *, groups, keep, norms=None, count=True):
     """The AMU's feature top-k and the linear layer over the kept features, in one kernel call:
     the rows of ``x`` (..., K) come in ``groups`` runs of consecutive rows (a sample's tokens, or
@@ -174,6 +181,10 @@ def select_linear(x, weight, bias, *, groups, keep, norms=None, count=True):
     times ``norms`` (K,) for SAPW; ties go to the lower feature. The selection of
     :func:`selact.amu.mask` with channel granularity (element for runs of one row) and a top-k
     budget. Returns (y, keep (groups, K) bool, MACs or None)."""
+    if torch.compiler.is_compiling():
+        return _eagerly(
+            select_linear, x, weight, bias, groups=groups, keep=keep, norms=norms, count=count
+        )
     n, k = weight.shape
     rows = x if x.dim() == 2 else x.reshape(-1, k)
     y, kept, macs = KERNELS["select_linear"](
@@ -215,12 +226,14 @@ def _grouped_mask(mask: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
     return full.expand(target).reshape(-1, k)
 
 
-@torch.compiler.disable  # a graph break: see the module's docstring
 def conv2d(
     x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, in_mask=None, count=True
 ):
     """A channel-masked convolution as an implicit GEMM over the kept channels (channels-last
     output)."""
+    if torch.compiler.is_compiling():
+        args = (x, weight, bias, stride, padding, dilation, groups)
+        return _eagerly(conv2d, *args, in_mask=in_mask, count=count)
     geometry = conv_geometry(weight.shape, stride, padding, dilation)
     y, _, macs = KERNELS["conv2d"](
         x, in_mask, 0, None, packed_weight(weight), bias, *geometry, count
@@ -243,13 +256,16 @@ def _geometry(weight_shape, stride, padding, dilation) -> tuple[int, ...]:
     return (c_out, kh, kw, *_pair(stride), *_pair(padding), *_pair(dilation))
 
 
-@torch.compiler.disable  # a graph break: see the module's docstring
 def select_conv2d(x, weight, bias, geometry, *, keep, norms=None, count=True):
     """The AMU's channel top-k and the convolution over the kept channels, in one kernel call:
     per sample of ``x`` the ``keep`` channels of largest mean ``|x|`` (SAPI), times ``norms``
     (C,) for SAPW; ties go to the lower channel. The selection of :func:`selact.amu.mask` with
     channel granularity and a top-k budget. ``geometry``: :func:`conv_geometry`. Returns
     (y, keep (B, C) bool, MACs or None)."""
+    if torch.compiler.is_compiling():
+        return _eagerly(
+            select_conv2d, x, weight, bias, geometry, keep=keep, norms=norms, count=count
+        )
     y, kept, macs = KERNELS["conv2d"](
         x, None, keep, norms, packed_weight(weight), bias, *geometry, count
     )
