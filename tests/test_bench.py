@@ -22,8 +22,10 @@ def test_quick_kernel_bench_times_every_route(tmp_path):
         ("linear", "reference"),
         ("linear", "mask_multiply"),
         ("linear", "gather"),
+        ("linear", "cpu_kernel"),  # the kernel alone, checked against the reference like all
     } <= routes
     assert {("conv2d", "dense"), ("conv2d", "gather"), ("conv2d", "mask_multiply")} <= routes
+    assert {("conv2d", "cpu"), ("conv2d", "cpu_kernel")} <= routes
     for row in rows:
         assert row["median_ms"] > 0
         assert row["ratio_to_ideal"] == pytest.approx(row["ratio_to_dense"] / row["density"])

@@ -3,7 +3,9 @@
 For every case (op, shape, dtype, granularity, density) it times dense PyTorch, every backend that
 serves the case, and the naive routes (``mask_multiply``: multiply the masked input densely;
 ``gather``: gather the kept inputs and weight columns, then multiply densely;
-``sampled_addmm``: ``torch.sparse.sampled_addmm`` for output masks). Each route's output is first
+``sampled_addmm``: ``torch.sparse.sampled_addmm`` for output masks). Where the ``cpu`` backend
+serves, ``cpu_kernel`` times its kernel called directly, with its arguments prepared beforehand:
+the difference to ``cpu`` is what the public op's Python costs. Each route's output is first
 checked against the reference backend (dense is the baseline, not a masked result); a route that
 disagrees is reported, not timed. On the GPU, routes are timed as CUDA graph replays where they
 can be captured (kernel time, without Python's launch overhead), else eagerly.
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from selact import mgemm
 from selact.amu import keep_count
 from selact.bench.timing import graphed, median_ms
+from selact.mgemm import cpu
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +212,11 @@ def _linear_routes(case: KernelCase, device: str):
         lambda v, name: mgemm.linear(v[0], w, b, in_mask=v[1], count=False, backend=name)[0],
         variants,
     )
+    if "cpu" in routes:
+        packed = cpu.packed_weight(w.clone())  # its own copy, as every route
+        routes["cpu_kernel"] = [
+            lambda v=v: cpu.KERNELS["linear"](v[0], v[1], packed, b, n, False)[0] for v in variants
+        ]
     w_mask, w_gather = w.clone(), w.clone()  # every route its own weights (see w_dense)
     routes["mask_multiply"] = [lambda v=v: F.linear(v[0] * v[1], w_mask, b) for v in variants]
     if shared or case.batch == 1:
@@ -268,6 +276,15 @@ def _conv_routes(case: KernelCase, device: str):
         )[0],
         variants,
     )
+    if "cpu" in routes:
+        packed = cpu.packed_weight(weight.clone())  # its own copy, as every route
+        geometry = cpu.conv_geometry(weight.shape, stride, kernel // 2, 1)
+        routes["cpu_kernel"] = [
+            lambda v=v: cpu.KERNELS["conv2d"](v[0], v[1], 0, None, packed, bias, *geometry, False)[
+                0
+            ]
+            for v in variants
+        ]
     routes["mask_multiply"] = [
         lambda v=v: F.conv2d(v[0] * v[1], weight, bias, *args) for v in variants
     ]
