@@ -134,3 +134,16 @@ def test_fused_route_at_density_one_is_the_dense_layer():
     with torch.inference_mode():
         assert keep_all._fused_linear_groups(x, linear.weight) == 3
         torch.testing.assert_close(keep_all(x), F.linear(x, linear.weight, linear.bias))
+
+
+def test_inputs_off_the_cpu_never_build_the_cpu_kernels(monkeypatch):
+    """A GPU run must not spend half a minute compiling the CPU kernels it cannot use."""
+
+    def refuse():
+        raise AssertionError("the CPU kernels were asked for")
+
+    monkeypatch.setattr(cpu, "available", refuse)
+    linear = nn.Linear(8, 4)
+    layer = _layer(linear, density=0.5)
+    with torch.inference_mode():
+        assert layer._fused_linear_groups(torch.randn(2, 8, device="meta"), linear.weight) == 0

@@ -143,7 +143,7 @@ class SelectiveModule(Converted, nn.Module):
         """How many of ``units`` inputs (features, channels) the fused CPU route keeps per
         sample or row under this layer's config; 0 where the config has no fused route: the
         AMU's top-k of SAPI or SAPW at ``granularities``, density below 1, the ``cpu`` backend
-        allowed and built. Worked out once per config and input size."""
+        allowed. Worked out once per config and input size."""
         known = self._fused_for
         if known is None or known[0] is not self.config or known[1] != units:
             c = self.config
@@ -154,7 +154,6 @@ class SelectiveModule(Converted, nn.Module):
                 and c.budget == "topk"
                 and c.density < 1.0
                 and c.backend in (None, "cpu")
-                and cpu.available()
             )
             self._fused_keep = amu.keep_count(c.density, units) if fused else 0
         return self._fused_keep
@@ -163,7 +162,8 @@ class SelectiveModule(Converted, nn.Module):
         """Whether this call may take a fused CPU route (one kernel call for the AMU's top-k and
         the product, with none of the mask's tensor ops or the dispatcher's work): float32
         inference on the CPU, outside calibration and autocast, ``SELACT_BACKEND`` unset or
-        ``cpu``. The same masks and outputs as the general route."""
+        ``cpu``, the kernels built (asked only for CPU inputs: a GPU run never compiles them).
+        The same masks and outputs as the general route."""
         return (
             x.dtype == torch.float32
             and x.device.type == "cpu"
@@ -172,6 +172,7 @@ class SelectiveModule(Converted, nn.Module):
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and not torch.is_autocast_enabled("cpu")
             and os.environ.get(ENV_VAR) in (None, "", "cpu")
+            and cpu.available()
         )
 
     def _fused_linear_groups(self, x: torch.Tensor, weight: torch.Tensor) -> int:

@@ -1,0 +1,121 @@
+"""Where a CPU selective layer's time goes, warm (in a loop, caches hot): the public MGEMM op,
+the CPU backend's function, its kernel called directly and through PyTorch's dispatcher; the fused
+Linear route on the ViT's layer shapes against dense; the convolution kernel's MAC rate. The cold
+side of the same question (each call after other layers' data) is the ``cpu`` / ``cpu_kernel``
+pair of ``selact bench kernels``. Writes a JSON list of rows and prints a Markdown table.
+
+Usage (from the repository root, machine otherwise idle):
+  python scripts/cpu_call_costs.py --out results/bench/cpu-call-costs.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import timeit
+
+import torch
+import torch.nn.functional as F
+
+from selact import amu, mgemm
+from selact._files import atomic_write_text
+from selact.bench.report import context
+from selact.mgemm import cpu
+
+
+def _us(call, number: int = 2000, repeat: int = 7) -> float:
+    """Best of ``repeat`` means of ``number`` calls, in microseconds."""
+    return min(timeit.repeat(call, number=number, repeat=repeat)) / number * 1e6
+
+
+def _kept(n: int, keep: int, *shape: int) -> torch.Tensor:
+    """A bool mask of ``n`` entries, the first ``keep`` kept, shaped ``shape``."""
+    return (torch.arange(n) < keep).reshape(shape)
+
+
+def call_layers() -> list[dict]:
+    """One call of a 16x16 linear layer and of a 256x8x8 convolution keeping 2 channels: little
+    arithmetic, so the times are the calls' own costs."""
+    x, w, b = torch.randn(1, 16), torch.randn(16, 16), torch.randn(16)
+    m, packed = _kept(16, 8, 1, 16), cpu.packed_weight(w)
+    linear = {
+        "public op, automatic backend": lambda: mgemm.linear(x, w, b, in_mask=m, count=False),
+        "public op, backend='cpu'": lambda: mgemm.linear(
+            x, w, b, in_mask=m, count=False, backend="cpu"
+        ),
+        "cpu backend function": lambda: cpu.linear(x, w, b, in_mask=m, count=False),
+        "kernel (pybind)": lambda: cpu.KERNELS["linear"](x, m, packed, b, 16, False),
+        "kernel (torch op)": lambda: torch.ops.selact_cpu.sparse_linear(x, m, packed, b, 16, False),
+    }
+    xc, wc, bc = torch.randn(1, 256, 8, 8), torch.randn(256, 256, 3, 3), torch.randn(256)
+    mc, packed_c = _kept(256, 2, 1, 256, 1, 1), cpu.packed_weight(wc)
+    geometry = cpu.conv_geometry(wc.shape, 1, 1, 1)
+    conv = {
+        "public op, backend='cpu'": lambda: mgemm.conv2d(
+            xc, wc, bc, 1, 1, in_mask=mc, count=False, backend="cpu"
+        ),
+        "cpu backend function": lambda: cpu.conv2d(xc, wc, bc, 1, 1, in_mask=mc, count=False),
+        "kernel (pybind)": lambda: cpu.KERNELS["conv2d"](
+            xc, mc, 0, None, packed_c, bc, *geometry, False
+        ),
+        "kernel (torch op)": lambda: torch.ops.selact_cpu.channel_conv(
+            xc, mc, 0, None, packed_c, bc, *geometry, False
+        ),
+    }
+    rows = [{"case": "linear 1x16 -> 16", "route": k, "us": _us(f)} for k, f in linear.items()]
+    rows += [{"case": "conv 1x256x8x8, 2 kept", "route": k, "us": _us(f)} for k, f in conv.items()]
+    return rows
+
+
+def vit_layers(density: float = 0.35) -> list[dict]:
+    """The ViT's Linear layers (65 tokens) through the fused route, against dense."""
+    rows = []
+    for k, n in ((192, 576), (192, 192), (192, 384), (384, 192)):
+        x, w, b = torch.randn(65, k).relu(), torch.randn(n, k), torch.randn(n)
+        keep = amu.keep_count(density, k)
+        dense = _us(lambda: F.linear(x, w, b), 300)  # noqa: B023 (called at once)
+        fused = _us(lambda: cpu.select_linear(x, w, b, groups=1, keep=keep, count=False), 300)  # noqa: B023
+        rows.append({"case": f"65x{k} -> {n}", "route": "select_linear / dense", "us": fused,
+                     "dense_us": dense, "ratio_to_dense": fused / dense})  # fmt: skip
+    return rows
+
+
+def conv_rates() -> list[dict]:
+    """The channel-masked convolution kernel's multiply-accumulates per second."""
+    rows = []
+    for c, h in ((64, 32), (256, 8)):
+        x, w, b = torch.randn(1, c, h, h), torch.randn(c, c, 3, 3), torch.randn(c)
+        packed, geometry = cpu.packed_weight(w), cpu.conv_geometry(w.shape, 1, 1, 1)
+        for density in (0.25, 0.5, 1.0):
+            m = _kept(c, int(c * density), 1, c, 1, 1)
+            us = _us(lambda: cpu.KERNELS["conv2d"](x, m, 0, None, packed, b, *geometry, False), 300)  # noqa: B023
+            macs = c * c * 9 * h * h * density
+            rows.append({"case": f"conv 1x{c}x{h}x{h} k3, density {density}", "route": "kernel",
+                         "us": us, "gmac_per_s": macs / us / 1e3})  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="rows JSON (default: print only)")
+    args = parser.parse_args()
+    if not cpu.available():
+        raise SystemExit("the CPU kernels could not be built here")
+    info = context()
+    rows = [{**r, **info} for r in (*call_layers(), *vit_layers(), *conv_rates())]
+    print(f"{info['machine']}, {torch.get_num_threads()} threads, commit {info['commit']}\n")
+    print("| case | route | µs | note |\n|---|---|---|---|")
+    for r in rows:
+        note = ""
+        if "ratio_to_dense" in r:
+            note = f"dense {r['dense_us']:.1f} µs, ratio {r['ratio_to_dense']:.2f}"
+        elif "gmac_per_s" in r:
+            note = f"{r['gmac_per_s']:.0f} GMAC/s"
+        print(f"| {r['case']} | {r['route']} | {r['us']:.2f} | {note} |")
+    if args.out:
+        atomic_write_text(args.out, json.dumps(rows, indent=1) + "\n")
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
