@@ -487,3 +487,32 @@ def test_cpu_linear_token_runs_equal_their_samples_one_by_one(samples, tokens):
     assert int(macs) == int(expected[1])
     short = mgemm.linear_case(torch.randn(9, 2, 24), weight, in_mask=torch.rand(9, 1, 24) < 0.5)
     assert "limit" in mgemm.why_not("cpu", short)  # 9 runs of 2 rows: each re-reads its weights
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 70),
+    n=st.integers(1, 50),
+    k_fraction=st.floats(0.0, 1.0),
+    ties=st.booleans(),
+    nans=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_cpu_topk_mask_keeps_the_amu_top_k(rows, n, k_fraction, ties, nans, seed):
+    """The CPU kernel's top-k: per row the k first by (NaN first, larger first, lower index)."""
+    from selact.mgemm import cpu
+
+    assert cpu.available()
+    torch.manual_seed(seed)
+    scores = torch.randn(rows, n)
+    if ties:  # few distinct values: many ties, broken by the lower index
+        scores = scores.round()
+    scores.view(-1)[torch.randperm(rows * n)[:nans]] = float("nan")
+    k = round(k_fraction * n)
+    keep = cpu.topk_mask(scores, k)
+    assert keep.shape == scores.shape and keep.dtype == torch.bool
+    for row, kept in zip(scores.tolist(), keep.tolist(), strict=True):
+        order = sorted(
+            range(n), key=lambda i: (not math.isnan(row[i]), -row[i] if row[i] == row[i] else 0, i)
+        )
+        assert [i for i in range(n) if kept[i]] == sorted(order[:k])

@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import torch
 
+from selact.mgemm import cpu
+
 
 @dataclasses.dataclass
 class Pooled:
@@ -50,6 +52,14 @@ def topk_keep(pooled: torch.Tensor, density: float) -> torch.Tensor:
     k = keep_count(density, n)
     if k >= n:
         return torch.ones_like(pooled, dtype=torch.bool)
+    if (
+        pooled.dtype == torch.float32
+        and pooled.device.type == "cpu"
+        and pooled.dim() == 2
+        and not torch.compiler.is_compiling()
+        and cpu.available()
+    ):  # the compiled CPU kernel (ties to the lower index): torch.topk is slow on the CPU
+        return cpu.topk_mask(pooled, k)
     index = pooled.topk(k, dim=-1, sorted=False).indices
     keep = torch.zeros_like(pooled, dtype=torch.bool)
     return keep.scatter_(-1, index, True)
