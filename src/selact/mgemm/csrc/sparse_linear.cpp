@@ -42,6 +42,9 @@ constexpr int64_t LANES = 16;  // floats per AVX-512 register; packed rows are p
 constexpr int64_t NR = 64;     // columns of C per register tile (4 registers)
 constexpr int64_t KC = 128;    // kept rows of Wt per block: 128 x 64 x 4 B = 32 KB, in L1
 constexpr int GEMV_ROWS = 8;  // kept rows streamed at once by the GEMV
+// Rows with their own masks taken by GEMVs at most (selact.mgemm.cpu.MAX_ROWS); more go through
+// one masked dense GEMM.
+constexpr int64_t MAX_GEMV_ROWS = 8;
 constexpr int64_t MIN_WORK = 1 << 15;  // multiply-adds (or copies) below which a thread is not worth waking
 
 // Whether `units` independent products (a batch's samples, a token sequence's runs) run side by
@@ -371,7 +374,8 @@ void keep_top_k(const T* score, int64_t n, int64_t k, bool* keep) {
 }
 
 // keep_top_k of score times norms (where given).
-void mark_top_k(std::vector<double>& score, const float* norms, int64_t k, bool* keep) {
+template <class T>
+void mark_top_k(std::vector<T>& score, const float* norms, int64_t k, bool* keep) {
   const int64_t n = static_cast<int64_t>(score.size());
   if (norms)
     for (int64_t i = 0; i < n; ++i) score[i] *= norms[i];
@@ -435,19 +439,20 @@ at::Tensor feature_topk(const at::Tensor& x, int64_t G, const c10::optional<at::
   const float* np = norms_data(norms, K);
   at::Tensor keep = at::zeros({G, K}, x.options().dtype(at::kBool));
   const float* xp = x.data_ptr<float>();
-  std::vector<double> score(K);
-  std::vector<float> sum(K);
-  for (int64_t g = 0; g < G; ++g) {
-    std::fill(sum.begin(), sum.end(), 0.0f);
-    float* __restrict acc = sum.data();
-    for (int64_t t = 0; t < T; ++t) {
-      const float* __restrict xr = xp + (g * T + t) * K;
+  bool* kp = keep.data_ptr<bool>();
+  at::parallel_for(0, G, std::max<int64_t>(1, MIN_WORK / std::max<int64_t>(1, 8 * T * K)), [&](int64_t g0, int64_t g1) {
+    std::vector<float> score(K);  // float sums, as the AMU's float32 means
+    for (int64_t g = g0; g < g1; ++g) {
+      std::fill(score.begin(), score.end(), 0.0f);
+      float* __restrict acc = score.data();
+      for (int64_t t = 0; t < T; ++t) {
+        const float* __restrict xr = xp + (g * T + t) * K;
 #pragma omp simd
-      for (int64_t f = 0; f < K; ++f) acc[f] += std::abs(xr[f]);
+        for (int64_t f = 0; f < K; ++f) acc[f] += std::abs(xr[f]);
+      }
+      mark_top_k(score, np, k, kp + g * K);
     }
-    for (int64_t f = 0; f < K; ++f) score[f] = sum[f];
-    mark_top_k(score, np, k, keep.data_ptr<bool>() + g * K);
-  }
+  });
   return keep;
 }
 
@@ -470,7 +475,27 @@ std::tuple<at::Tensor, at::Tensor> masked_linear(const at::Tensor& x, const bool
   float* yp = y.data_ptr<float>();
   const int64_t T = G > 0 ? R / G : 0;  // rows per mask row
   int64_t macs = 0;
-  if (T == 1) {
+  if (T == 1 && R > MAX_GEMV_ROWS) {
+    // Many rows with their own masks: each GEMV would re-read its kept weights, so the masked
+    // rows go through one dense GEMM (MKL) instead, which reads the weight once. The dropped
+    // inputs are zeros there; the MACs counted are the kept ones, as for the reference backend.
+    at::Tensor kept = x.clone();
+    float* kp = kept.data_ptr<float>();
+    if (m != nullptr)
+      at::parallel_for(0, R, std::max<int64_t>(1, MIN_WORK / std::max<int64_t>(1, K)), [&](int64_t r0, int64_t r1) {
+        for (int64_t i = r0 * K; i < r1 * K; ++i) kp[i] = m[i] ? kp[i] : 0.0f;
+      });
+    const at::Tensor w = packed.narrow(1, 0, n_out);  // Wᵀ (K, N), rows Np apart
+    if (bias.has_value())
+      at::addmm_out(y, *bias, kept, w);
+    else
+      at::mm_out(y, kept, w);
+    if (count) {
+      int64_t nonzero = 0;
+      for (int64_t i = 0; i < R * K; ++i) nonzero += kp[i] != 0.0f;
+      macs = nonzero * n_out;
+    }
+  } else if (T == 1) {
     for (int64_t r = 0; r < R; ++r)
       macs += gemv(xp + r * K, m == nullptr ? nullptr : m + r * K, K, wt, n_out, Np, b, yp + r * n_out);
   } else if (T > 0) {
