@@ -233,7 +233,8 @@ def test_merge_shard_files_adds_leftover_shards(tmp_path):
 
 
 def test_dense_epoch_time_is_timed_here_for_a_checkpoint_from_elsewhere():
-    """A dense checkpoint from another machine (a GPU) does not set a CPU sweep's time plan."""
+    """A dense checkpoint from another machine (a GPU), or trained while the device was not
+    shared, does not set a sweep's time plan."""
     from selact.train import TrainConfig, hardware
     from tests.test_train import _net
 
@@ -243,6 +244,8 @@ def test_dense_epoch_time_is_timed_here_for_a_checkpoint_from_elsewhere():
     assert _dense_epoch_seconds(here, task, _net(), config, "cpu") == 123.0
     elsewhere = {**here, "hardware": "NVIDIA H100 80GB HBM3, torch 2.11.0+cu130"}
     assert 0.0 < _dense_epoch_seconds(elsewhere, task, _net(), config, "cpu") < 30.0
+    # sweep processes sharing the device: timed now, not read from a run that had it alone
+    assert 0.0 < _dense_epoch_seconds(here, task, _net(), config, "cpu", shared=True) < 30.0
 
 
 def _keys(rows):
