@@ -516,3 +516,31 @@ def test_cpu_topk_mask_keeps_the_amu_top_k(rows, n, k_fraction, ties, nans, seed
             range(n), key=lambda i: (not math.isnan(row[i]), -row[i] if row[i] == row[i] else 0, i)
         )
         assert [i for i in range(n) if kept[i]] == sorted(order[:k])
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    n=st.sampled_from([8191, 8192, 9000, 20000]),
+    k_fraction=st.floats(0.0, 1.0),
+    data=st.sampled_from(["uniform", "relu", "rounded", "constant"]),
+    nans=st.integers(0, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_cpu_topk_mask_on_long_rows_equals_a_stable_sort(n, k_fraction, data, nans, seed):
+    """Long rows take a histogram first (and many equal keys end in one bucket): the kept set is
+    still the k first of a stable descending sort (NaN first, ties to the lower index)."""
+    from selact.mgemm import cpu
+
+    assert cpu.available()
+    torch.manual_seed(seed)
+    scores = {
+        "uniform": lambda: torch.rand(3, n),
+        "relu": lambda: torch.randn(3, n).relu(),  # half the scores tie at zero
+        "rounded": lambda: (torch.randn(3, n) * 3).round(),
+        "constant": lambda: torch.ones(3, n),
+    }[data]()
+    scores.view(-1)[torch.randperm(3 * n)[:nans]] = float("nan")
+    k = round(k_fraction * n)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    expected = torch.zeros(3, n, dtype=torch.bool).scatter_(1, order, True)
+    assert torch.equal(cpu.topk_mask(scores, k), expected)
