@@ -1,6 +1,7 @@
 """Where a CPU selective layer's time goes, warm (in a loop, caches hot): the public MGEMM op,
 the CPU backend's function, its kernel called directly and through PyTorch's dispatcher; the fused
-Linear route on the ViT's layer shapes against dense; the convolution kernel's MAC rate. The cold
+Linear route on the ViT's layer shapes against dense; the convolution kernel's MAC rate; the
+AMU's top-k against torch.topk, alone and in a mask-aware training step. The cold
 side of the same question (each call after other layers' data) is the ``cpu`` / ``cpu_kernel``
 pair of ``selact bench kernels``. Writes a JSON list of rows and prints a Markdown table.
 
@@ -17,6 +18,7 @@ import timeit
 import torch
 import torch.nn.functional as F
 
+import selact
 from selact import amu, mgemm
 from selact._files import atomic_write_text
 from selact.bench.report import context
@@ -95,6 +97,52 @@ def conv_rates() -> list[dict]:
     return rows
 
 
+def top_k() -> list[dict]:
+    """The AMU's top-k masks on the CPU: ``torch.topk`` against the compiled radix select."""
+    rows = []
+    for shape, density in (((65, 192), 0.35), ((65, 384), 0.35), ((4096, 64), 0.35),
+                           ((128, 4096), 0.35), ((128, 16384), 0.35)):  # fmt: skip
+        scores, k = torch.rand(shape), amu.keep_count(density, shape[1])
+        torch_us = _us(lambda: scores.topk(k, -1, sorted=False), 20)  # noqa: B023
+        ours = _us(lambda: cpu.topk_mask(scores, k), 20)  # noqa: B023
+        rows.append({"case": f"top-k of {shape[0]}x{shape[1]} scores", "route": "cpu.topk_mask",
+                     "us": ours, "dense_us": torch_us, "ratio_to_dense": ours / torch_us})  # fmt: skip
+    return rows
+
+
+def training_step() -> list[dict]:
+    """One mask-aware training step of ResNet-20 (SAPI, element masks, density 0.35, batch 128)
+    with the AMU's top-k through torch.topk and through the radix select."""
+    from selact.amu import select
+    from selact.models import create_model
+
+    def step_ms(fast: bool) -> float:
+        torch.manual_seed(0)
+        model = selact.sparsify(
+            create_model("resnet20", num_classes=10), strategy="sapi", density=0.35,
+            granularity="element", counting=False, check_finite=False,
+        ).train()  # fmt: skip
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+
+        def step():
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+        available = select.cpu.available
+        select.cpu.available = available if fast else (lambda: False)
+        try:
+            step()
+            return _us(step, number=3, repeat=3) / 1e3
+        finally:
+            select.cpu.available = available
+
+    slow, fast = step_ms(False), step_ms(True)
+    return [{"case": "ResNet-20 training step, SAPI element, batch 128", "route": "radix top-k",
+             "us": fast * 1e3, "dense_us": slow * 1e3, "ratio_to_dense": fast / slow}]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="rows JSON (default: print only)")
@@ -102,13 +150,14 @@ def main() -> None:
     if not cpu.available():
         raise SystemExit("the CPU kernels could not be built here")
     info = context()
-    rows = [{**r, **info} for r in (*call_layers(), *vit_layers(), *conv_rates())]
+    parts = (*call_layers(), *vit_layers(), *conv_rates(), *top_k(), *training_step())
+    rows = [{**r, **info} for r in parts]
     print(f"{info['machine']}, {torch.get_num_threads()} threads, commit {info['commit']}\n")
     print("| case | route | µs | note |\n|---|---|---|---|")
     for r in rows:
         note = ""
-        if "ratio_to_dense" in r:
-            note = f"dense {r['dense_us']:.1f} µs, ratio {r['ratio_to_dense']:.2f}"
+        if "ratio_to_dense" in r:  # against dense, or against torch.topk
+            note = f"against {r['dense_us']:.1f} µs, ratio {r['ratio_to_dense']:.2f}"
         elif "gmac_per_s" in r:
             note = f"{r['gmac_per_s']:.0f} GMAC/s"
         print(f"| {r['case']} | {r['route']} | {r['us']:.2f} | {note} |")
