@@ -544,3 +544,27 @@ def test_cpu_topk_mask_on_long_rows_equals_a_stable_sort(n, k_fraction, data, na
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
     expected = torch.zeros(3, n, dtype=torch.bool).scatter_(1, order, True)
     assert torch.equal(cpu.topk_mask(scores, k), expected)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_reference_drops_non_finite_inputs_and_passes_gradients_to_kept_ones(bad):
+    """Masking is a product on finite CPU inputs (faster than where()) and where() otherwise: a
+    dropped inf or NaN stays out of the result either way, and only kept inputs get gradients."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 6)
+    mask = torch.tensor([[True, False, True, True, False, True]] * 2)
+    x = torch.randn(2, 6, requires_grad=True)
+    y, _ = mgemm.linear(x, w, in_mask=mask, backend="reference")  # finite: the product
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, mask)
+    torch.testing.assert_close(y, (x * mask) @ w.t())
+    bad_x = x.detach().clone()
+    bad_x[0, 1] = bad  # a dropped entry
+    y_bad, macs = mgemm.linear(bad_x, w, in_mask=mask, backend="reference")  # where()
+    torch.testing.assert_close(y_bad, y.detach())
+    assert int(macs) == int(mask.sum()) * 3
+    image = torch.randn(1, 2, 4, 4)
+    image[0, 1, 2, 2] = bad
+    channel = torch.tensor([True, False]).reshape(1, 2, 1, 1)
+    out, _ = mgemm.conv2d(image, torch.randn(3, 2, 3, 3), in_mask=channel, backend="reference")
+    assert torch.isfinite(out).all()

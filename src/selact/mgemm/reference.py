@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -10,10 +12,22 @@ from selact.mgemm.registry import Backend, register_backend
 
 
 def _apply_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    # where() rather than a product: gradients reach kept inputs only, and a dropped inf stays out.
-    return (
-        x if mask is None else torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    )
+    """``x`` with the dropped entries zero; gradients reach the kept entries only, and a dropped
+    inf or NaN stays out (a product would turn it into NaN)."""
+    if mask is None:
+        return x
+    if x.device.type == "cpu" and _finite(x):
+        # On the CPU where() is not vectorised: 3.5 ms against 1.1 for the product on a
+        # (128, 16, 32, 32) batch, and its backward is another where() (a mask-aware ResNet-20
+        # training step spent a quarter of its time there). A finite x makes them equal.
+        return x * mask.to(x.dtype)
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds no inf or NaN (a max of |x|: 0.6 ms on 2M floats, isfinite 2.7)."""
+    with torch.no_grad():
+        return x.numel() == 0 or bool(x.abs().max() < math.inf)
 
 
 def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True):
