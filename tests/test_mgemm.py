@@ -433,9 +433,18 @@ def test_cpu_packed_weight_layout(n, k):
     assert torch.equal(cpu.packed_weight(w)[:, :n], w.t())
 
 
+@pytest.fixture
+def two_threads():
+    """Two threads for the test, as on the 2-core machines the side-by-side rules are set for."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("batch", [2, 3, 8, 9])
 @pytest.mark.parametrize("shared", [False, True])
-def test_cpu_conv_batch_equals_its_samples_one_by_one(batch, shared):
+def test_cpu_conv_batch_equals_its_samples_one_by_one(batch, shared, two_threads):
     """A batch's samples run side by side, one thread each (2 threads: even batches, or 8 samples
     and more), or one after another on all threads: either way each sample's output and MACs are
     exactly those of the sample alone."""
@@ -445,16 +454,11 @@ def test_cpu_conv_batch_equals_its_samples_one_by_one(batch, shared):
     x = torch.relu(torch.randn(batch, 12, 7, 9))
     weight, bias = torch.randn(10, 12, 3, 3), torch.randn(10)
     mask = torch.rand(1 if shared else batch, 12, 1, 1) < 0.5
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        y, macs = cpu.conv2d(x, weight, bias, 2, 1, in_mask=mask)
-        alone = [
-            cpu.conv2d(x[i : i + 1], weight, bias, 2, 1, in_mask=mask[i % len(mask)][None])
-            for i in range(batch)
-        ]
-    finally:
-        torch.set_num_threads(threads)
+    y, macs = cpu.conv2d(x, weight, bias, 2, 1, in_mask=mask)
+    alone = [
+        cpu.conv2d(x[i : i + 1], weight, bias, 2, 1, in_mask=mask[i % len(mask)][None])
+        for i in range(batch)
+    ]
     assert torch.equal(y, torch.cat([a[0] for a in alone]))
     assert int(macs) == sum(int(a[1]) for a in alone)
     expected = mgemm.conv2d(x, weight, bias, 2, 1, in_mask=mask, backend="reference")
@@ -463,7 +467,7 @@ def test_cpu_conv_batch_equals_its_samples_one_by_one(batch, shared):
 
 
 @pytest.mark.parametrize(("samples", "tokens"), [(2, 3), (3, 8), (9, 8), (12, 10)])
-def test_cpu_linear_token_runs_equal_their_samples_one_by_one(samples, tokens):
+def test_cpu_linear_token_runs_equal_their_samples_one_by_one(samples, tokens, two_threads):
     """Per-sample masks on token sequences: up to 8 samples, or any number of 8 tokens or more
     (side by side on 2 threads when they share evenly); each sample's output and MACs are
     exactly those of the sample alone. Shorter runs beyond 8 are declined."""
@@ -473,13 +477,8 @@ def test_cpu_linear_token_runs_equal_their_samples_one_by_one(samples, tokens):
     x = torch.relu(torch.randn(samples, tokens, 24))
     weight, bias = torch.randn(40, 24), torch.randn(40)
     mask = torch.rand(samples, 1, 24) < 0.5
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        y, macs = mgemm.linear(x, weight, bias, in_mask=mask, backend="cpu")
-        alone = [cpu.linear(x[i], weight, bias, in_mask=mask[i, 0]) for i in range(samples)]
-    finally:
-        torch.set_num_threads(threads)
+    y, macs = mgemm.linear(x, weight, bias, in_mask=mask, backend="cpu")
+    alone = [cpu.linear(x[i], weight, bias, in_mask=mask[i, 0]) for i in range(samples)]
     assert torch.equal(y, torch.stack([a[0] for a in alone]))
     assert int(macs) == sum(int(a[1]) for a in alone)
     expected = mgemm.linear(x, weight, bias, in_mask=mask, backend="reference")

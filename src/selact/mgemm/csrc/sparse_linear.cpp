@@ -6,7 +6,7 @@
 // A kept input costs one contiguous row; a dropped one costs nothing, not even a cache line
 // fetched by the hardware prefetcher, which stops at the ends of the rows it streams through.
 //
-// Two kernels:
+// Two product kernels:
 //  - gemv: one row of x (batch 1, or per-row masks): y = Σ_j x[k_j] Wt[k_j]. The kept rows are
 //    split between the threads (split-K), each accumulating all N outputs in L1, then summed.
 //    Memory-bound: it streams the kept rows, 8 at a time, and prefetches the next 8.
@@ -16,9 +16,11 @@
 //    implicit GEMM over a zero-padded copy of its kept channels, with no im2col buffer. Blocked
 //    as a GEMM: up to 64 columns x 4-12 rows of accumulators in registers, 128 kept rows of Wt per block
 //    (32 KB, in L1) reused across all rows of C.
-// Both run on ATen's thread pool (torch.set_num_threads applies). The ops are registered twice:
-// as torch ops (what torch.compile traces, with fake implementations in Python) and as plain
-// Python functions (eager calls skip the dispatcher's boxing of every argument).
+// Both run on ATen's thread pool (torch.set_num_threads applies). More than 8 rows with their own
+// masks go through one dense GEMM of the masked rows instead. The AMU's top-k (keep_top_k) is a
+// radix select. The ops are registered twice: as torch ops (torch.ops.selact_cpu.*, with fake
+// implementations in Python for code that calls them under torch.compile) and as plain Python
+// functions, which the cpu backend calls (no dispatcher boxing every argument).
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
