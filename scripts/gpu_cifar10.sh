@@ -15,8 +15,11 @@
 #   <model>/dense/model.safetensors (the layout of dense.tgz below) from an earlier run, reused
 #   instead of training (more time for fine-tuning); DONE_DIR: a folder of an earlier run's
 #   <model>.json rows (of those dense checkpoints): the jobs they hold are skipped (--done-rows);
-#   WORKERS (default 2), or WORKERS_<model>: processes per sweep (--workers); PLOT=0: no PNG
-#   (saves one returned file).
+#   WORKERS (default 2), or WORKERS_<model>: processes per sweep (--workers); SWEEP_ARGS_<model>:
+#   that sweep's own extra options (e.g. SWEEP_ARGS_vit="--strategy sapi", SWEEP_ARGS_resnet20=
+#   "--finetune-epochs 20"); PLOT=0: no PNG (saves one returned file); SPLIT_BIG=1: dense
+#   checkpoints over 12 MB come back too, as dense-<model>.tar.part-aa, -ab, ... of 15 MB
+#   (VGG-16: 4 parts; unpack with `cat dense-vgg16.tar.part-* | tar x`).
 #
 # Writes to $OUT (at most 7 files): <model>.json per model (the sweep rows, rewritten after every
 # result, so a run stopped at its limit keeps what it finished), log.txt (every process's log,
@@ -80,12 +83,13 @@ for MODEL in $MODELS; do
   fi
   W="WORKERS_$MODEL"
   W=${!W:-${WORKERS:-2}}
+  A="SWEEP_ARGS_$MODEL"
   # Process start-up (imports, tensors to the GPU) takes about 10 s of the sweep's time; 30 s
   # are kept for its last evaluations and the merge of its workers' rows.
   timeout -k 5 "$LEFT" python -m selact -v sweep --task cifar10 --model "$MODEL" \
     --data "$ARCHIVE" --time-budget $(( LEFT - 30 )) --dense-share "$(share "$MODEL")" \
     --out "$OUT/$MODEL.json" --run-dir "$RUNS/$MODEL" --no-resume --workers "$W" "${DENSE[@]}" \
-    $SWEEP_ARGS \
+    $SWEEP_ARGS ${!A:-} \
     > >(sed -u "s/^/[$MODEL] /" >> "$LOG") 2>&1 &
   PIDS+=($!)
 done
@@ -102,8 +106,13 @@ done
 FILES=()
 for MODEL in $MODELS; do
   D="$MODEL/dense"
-  if [ -f "$RUNS/$D/model.safetensors" ] && [ "$(stat -c %s "$RUNS/$D/model.safetensors")" -lt 12000000 ]; then
+  [ -f "$RUNS/$D/model.safetensors" ] || continue
+  if [ "$(stat -c %s "$RUNS/$D/model.safetensors")" -lt 12000000 ]; then
     FILES+=("$D/model.safetensors" "$D/model.json")
+  elif [ "${SPLIT_BIG:-0}" = 1 ]; then
+    tar cf - -C "$RUNS" "$D/model.safetensors" "$D/model.json" \
+      | split -b 15M - "$OUT/dense-$MODEL.tar.part-" \
+      || echo "could not archive $D" >> "$LOG"
   fi
 done
 if [ ${#FILES[@]} -gt 0 ]; then

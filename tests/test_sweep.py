@@ -3,6 +3,7 @@ density 1.0 equal to dense, the report, and no smoke output under results/."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -34,6 +35,7 @@ from selact.experiments.sweep import (
     read_rows,
     run_sweep,
     shard_jobs,
+    sweep_recipe,
 )
 from selact.models import create_model
 from selact.train import TaskOptions, create_task, load_model
@@ -162,6 +164,29 @@ def test_plan_puts_the_claims_first():
              and j.strategy == "sapi" and j.allocation == "global"]  # fmt: skip
     assert sorted(seeds) == [0, 1, 2]
     assert recipe("vit").strategy == "sapw" and recipe("vit").frontier == 0.5
+
+
+def test_overrides_change_the_plan_and_the_finetuning():
+    base = SweepConfig(model="vit")
+    assert sweep_recipe(base) == recipe("vit")
+    rec = sweep_recipe(dataclasses.replace(base, strategy="sapi", finetune_epochs=20))
+    assert (rec.strategy, rec.other, rec.finetune.epochs) == ("sapi", "sapw", 20)
+    assert rec.finetune.lr == recipe("vit").finetune.lr  # only the epochs change
+    jobs = plan(rec, (0, 1, 2))
+    assert [(j.strategy, getattr(j, "seed", None)) for j in jobs[1:5]] == [
+        ("sapi", 0), ("dense", 0), ("sapi", 1), ("sapi", 2)]  # fmt: skip
+    # Rows fine-tuned for another number of epochs are not this sweep's jobs.
+    row = {"strategy": "sapi", "granularity": "element", "allocation": "global",
+           "target_mac_fraction": 0.5, "finetune_epochs": 8, "seed": 0,
+           "dense_checkpoint_sha256": "d"}  # fmt: skip
+    assert done_jobs([row], "d", 8) == {Finetune("sapi", "element", "global", 0.5, 0)}
+    assert done_jobs([row], "d", rec.finetune.epochs) == set()
+    for field, bad, match in (
+        ("strategy", "random", "strategy"),
+        ("finetune_epochs", 0, "at least"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            sweep_recipe(dataclasses.replace(base, **{field: bad}))
 
 
 @pytest.mark.parametrize("scale", ["full", "smoke"])

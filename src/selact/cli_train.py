@@ -317,6 +317,16 @@ def sweep(
     ] = None,
     seeds: Annotated[str, typer.Option(help="Fine-tuning seeds, comma-separated.")] = "0,1,2",
     max_finetunes: Annotated[int | None, typer.Option(help="At most this many.")] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            help="AMU strategy fine-tuned first, with 3 seeds (sapi or sapw; default: the "
+            "recipe's, sapi for CNNs, sapw for the ViT)."
+        ),
+    ] = None,
+    finetune_epochs: Annotated[
+        int | None, typer.Option(min=1, help="Fine-tuning epochs (default: the recipe's).")
+    ] = None,
     out: Annotated[
         str | None,
         typer.Option(help="Rows JSON (default results/<task>/<model>.json; smoke: runs/)."),
@@ -396,6 +406,8 @@ def sweep(
         shard=parsed_shard,
         search_dir=search_dir,
         done_rows=done_rows,
+        strategy=strategy,
+        finetune_epochs=finetune_epochs,
     )
     try:
         rows = run_sweep(config)

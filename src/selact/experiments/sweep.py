@@ -124,6 +124,8 @@ class SweepConfig:
     shard: tuple[int, int] | None = None  # (I, K): only the jobs j of the plan with j % K == I
     search_dir: str | None = None  # budget searches shared by the shards; None: <run_dir>/searches
     done_rows: str | None = None  # rows of an earlier sweep: the jobs they hold are not run again
+    strategy: str | None = None  # the AMU strategy fine-tuned first; None: the recipe's
+    finetune_epochs: int | None = None  # None: the recipe's
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -245,6 +247,22 @@ def _validate(config: SweepConfig) -> tuple[int, int] | None:
             )
         return index, count
     return (0, config.workers) if config.workers > 1 else None
+
+
+def sweep_recipe(config: SweepConfig) -> Recipe:
+    """The model's recipe with the sweep's overrides: the strategy fine-tuned first (the other
+    AMU strategy becomes the second) and the fine-tuning epochs."""
+    rec = recipe(config.model, config.scale)
+    if config.strategy is not None:
+        if config.strategy not in ("sapi", "sapw"):
+            raise ValueError(f"strategy must be 'sapi' or 'sapw', got {config.strategy!r}")
+        other = "sapw" if config.strategy == "sapi" else "sapi"
+        rec = dataclasses.replace(rec, strategy=config.strategy, other=other)
+    if config.finetune_epochs is not None:
+        if config.finetune_epochs < 1:
+            raise ValueError(f"finetune_epochs must be at least 1, got {config.finetune_epochs}")
+        rec = dataclasses.replace(rec, finetune=rec.finetune.replace(epochs=config.finetune_epochs))
+    return rec
 
 
 def done_jobs(
@@ -372,6 +390,8 @@ def _child_args(
         *(["--time-budget", f"{budget:.1f}"] if budget is not None else []),
         "--out", str(out), "--run-dir", str(run_dir), "--search-dir", str(searches),
         *(["--done-rows", str(config.done_rows)] if config.done_rows else []),
+        *(["--strategy", config.strategy] if config.strategy else []),
+        *(["--finetune-epochs", str(config.finetune_epochs)] if config.finetune_epochs else []),
         "--resume" if config.resume else "--no-resume", "--no-progress",
     ]  # fmt: skip
 
@@ -611,7 +631,7 @@ def run_sweep(
     every shard's)."""
     clock = _Clock(config.time_budget)
     shard = _validate(config)
-    rec = recipe(config.model, config.scale)
+    rec = sweep_recipe(config)
     device = _device(config.device)
     out = Path(config.out) if config.out else default_out(config.task, config.model, config.scale)
     if config.scale == "smoke" and "results" in out.resolve().parts:
