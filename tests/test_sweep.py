@@ -175,6 +175,13 @@ def test_overrides_change_the_plan_and_the_finetuning():
     jobs = plan(rec, (0, 1, 2))
     assert [(j.strategy, getattr(j, "seed", None)) for j in jobs[1:5]] == [
         ("sapi", 0), ("dense", 0), ("sapi", 1), ("sapi", 2)]  # fmt: skip
+    # The frontier moved onto the lower target: its jobs are planned once.
+    lower = sweep_recipe(dataclasses.replace(base, frontier=0.4))
+    assert lower.frontier == lower.lower == 0.4
+    jobs = plan(lower, (0, 1, 2))
+    assert len(jobs) == len(set(jobs)) < len(plan(recipe("vit"), (0, 1, 2)))
+    assert [j.seed for j in jobs if getattr(j, "target", None) == 0.4 and j.strategy == "sapw"
+            and j.allocation == "global"] == [0, 1, 2]  # fmt: skip
     # Rows fine-tuned for another number of epochs are not this sweep's jobs.
     row = {"strategy": "sapi", "granularity": "element", "allocation": "global",
            "target_mac_fraction": 0.5, "finetune_epochs": 8, "seed": 0,
@@ -184,6 +191,7 @@ def test_overrides_change_the_plan_and_the_finetuning():
     for field, bad, match in (
         ("strategy", "random", "strategy"),
         ("finetune_epochs", 0, "at least"),
+        ("frontier", 0.0, "frontier"),
     ):
         with pytest.raises(ValueError, match=match):
             sweep_recipe(dataclasses.replace(base, **{field: bad}))

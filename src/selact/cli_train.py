@@ -327,6 +327,13 @@ def sweep(
     finetune_epochs: Annotated[
         int | None, typer.Option(min=1, help="Fine-tuning epochs (default: the recipe's).")
     ] = None,
+    frontier: Annotated[
+        float | None,
+        typer.Option(
+            help="Executed/dense MAC target fine-tuned with every seed (default: the recipe's: "
+            "1/3 ResNet-20, 1/4 VGG-16, 1/2 ViT)."
+        ),
+    ] = None,
     out: Annotated[
         str | None,
         typer.Option(help="Rows JSON (default results/<task>/<model>.json; smoke: runs/)."),
@@ -408,6 +415,7 @@ def sweep(
         done_rows=done_rows,
         strategy=strategy,
         finetune_epochs=finetune_epochs,
+        frontier=frontier,
     )
     try:
         rows = run_sweep(config)

@@ -126,6 +126,7 @@ class SweepConfig:
     done_rows: str | None = None  # rows of an earlier sweep: the jobs they hold are not run again
     strategy: str | None = None  # the AMU strategy fine-tuned first; None: the recipe's
     finetune_epochs: int | None = None  # None: the recipe's
+    frontier: float | None = None  # the MAC target fine-tuned with every seed; None: the recipe's
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -201,7 +202,7 @@ def plan(rec: Recipe, seeds: tuple[int, ...], scale: str = "full") -> list[Eval 
         *(Finetune("dense", None, None, None, seed) for seed in rest),
         *(Finetune(s, "element", "global", low, seed) for seed in rest),
     ]
-    return jobs
+    return list(dict.fromkeys(jobs))  # a frontier equal to the lower target: each job once
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -251,7 +252,8 @@ def _validate(config: SweepConfig) -> tuple[int, int] | None:
 
 def sweep_recipe(config: SweepConfig) -> Recipe:
     """The model's recipe with the sweep's overrides: the strategy fine-tuned first (the other
-    AMU strategy becomes the second) and the fine-tuning epochs."""
+    AMU strategy becomes the second), the fine-tuning epochs and the target fine-tuned with
+    every seed."""
     rec = recipe(config.model, config.scale)
     if config.strategy is not None:
         if config.strategy not in ("sapi", "sapw"):
@@ -262,6 +264,10 @@ def sweep_recipe(config: SweepConfig) -> Recipe:
         if config.finetune_epochs < 1:
             raise ValueError(f"finetune_epochs must be at least 1, got {config.finetune_epochs}")
         rec = dataclasses.replace(rec, finetune=rec.finetune.replace(epochs=config.finetune_epochs))
+    if config.frontier is not None:
+        if not 0.0 < config.frontier <= 1.0:
+            raise ValueError(f"frontier must be in (0, 1], got {config.frontier}")
+        rec = dataclasses.replace(rec, frontier=config.frontier)
     return rec
 
 
@@ -392,6 +398,7 @@ def _child_args(
         *(["--done-rows", str(config.done_rows)] if config.done_rows else []),
         *(["--strategy", config.strategy] if config.strategy else []),
         *(["--finetune-epochs", str(config.finetune_epochs)] if config.finetune_epochs else []),
+        *(["--frontier", repr(config.frontier)] if config.frontier is not None else []),
         "--resume" if config.resume else "--no-resume", "--no-progress",
     ]  # fmt: skip
 
