@@ -147,6 +147,27 @@ def test_density_one_is_dense_and_report(sweep_rows):
     assert "| sapi | element | global |" in text and "Frontier (sapi" in text
 
 
+def test_frontier_needs_three_seeds_and_names_lower_candidates():
+    def row(strategy, target, seed, val, epochs=10):
+        return {"model": "m", "strategy": strategy, "granularity": "element",
+                "allocation": "global", "target_mac_fraction": target, "finetune_epochs": epochs,
+                "seed": seed, "top1": val - 0.01, "val_top1": val, "executed_mac_fraction": target,
+                "zero_skip_mac_fraction": 0.5, "executed_over_zero_skip": 2 * target}  # fmt: skip
+
+    dense = {**row("dense", 1.0, 0, 0.90, epochs=0), "granularity": None, "allocation": None}
+    rows = [dense, *(row("sapi", 0.33, s, 0.899) for s in range(3)), row("sapi", 0.25, 0, 0.898)]
+    groups = summarize(rows)
+    assert frontier(groups, "m", "sapi", 0.003).target == 0.25
+    assert frontier(groups, "m", "sapi", 0.003, min_seeds=3).target == 0.33
+    text = markdown(rows)
+    assert "3 seeds): element global at executed/dense 0.330" in text
+    assert "Lower, with fewer seeds: element global at executed/dense 0.250" in text
+    # The same seed twice is one seed: no frontier point.
+    again = [dense, *(row("sapi", 0.33, 0, 0.899) for _ in range(3))]
+    assert frontier(summarize(again), "m", "sapi", 0.003, min_seeds=3) is None
+    assert "3 seeds): no fine-tuned setting qualifies" in markdown(again)
+
+
 def test_smoke_never_writes_results(tmp_path):
     args = ["sweep", "--task", "cifar10", "--model", "small_cnn", "--smoke",
             "--out", "results/cifar10/small_cnn.json", "--data", str(tmp_path)]  # fmt: skip
