@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from selact.bench import kernels
+from selact.bench.timing import median_ms
 from selact.cli import app
 
 pytestmark = pytest.mark.slow
@@ -48,3 +49,16 @@ def test_quick_cli_writes_only_where_asked(tmp_path, monkeypatch):
     assert all({"machine", "versions", "commit", "date"} <= set(r) for r in rows)
     result = runner.invoke(app, ["bench", "kernels", "--quick", "--out", "results/bench"])
     assert result.exit_code != 0 and "never go to results" in result.output
+
+
+def test_routes_take_turns_in_a_shuffled_order():
+    """No route always follows the same one (the route after dense paid for its traffic)."""
+    calls: list[str] = []
+    routes = {name: [lambda name=name: calls.append(name)] for name in "abcd"}
+    times = median_ms(routes, reps=30, warmup=0)
+    assert set(times) == set("abcd") and all(t >= 0 for t in times.values())
+    rounds = [calls[i : i + 4] for i in range(0, len(calls), 4)]
+    assert len(rounds) == 30 and all(sorted(r) == list("abcd") for r in rounds)
+    for name in "abcd":
+        before = {r[r.index(name) - 1] for r in rounds if r.index(name) > 0}
+        assert len(before) == 3, (name, before)  # each other route came just before it

@@ -1,7 +1,10 @@
 """Timing: medians of interleaved runs, wall clock on the CPU, CUDA events on the GPU.
 
 The routes being compared run interleaved, one call of each in turn, so that load from other
-processes shifts them alike and their ratios stay meaningful. Each route cycles through several
+processes shifts them alike and their ratios stay meaningful; the order of the turn is shuffled
+every round (seeded), so that no route always follows the same one. In a fixed order the route
+after dense PyTorch paid for it: measured on 2 Xeon cores, 768 -> 3072 at density 0.5, the same
+CPU backend call took 130 us right after the dense route and 110 us after another sparse one. Each route cycles through several
 inputs and masks, as a layer sees new ones every call (a fixed mask would keep its kept weights
 in cache and flatter the sparse kernels), and reads its own copy of the weights: between two calls
 of one route the others' traffic evicts its data, as the other layers of a model do. On the GPU
@@ -13,6 +16,7 @@ cost of the flush, not of the layer; docs/kernels.md compares the two on an H100
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -35,9 +39,12 @@ def median_ms(
         for i in range(warmup):
             calls[i % len(calls)]()
     times: dict[str, list[float]] = {name: [] for name in routes}
+    order = list(routes)
+    shuffle = random.Random(0).shuffle
     for i in range(reps):
-        for name, calls in routes.items():
-            times[name].append(timer(calls[i % len(calls)]))
+        shuffle(order)
+        for name in order:
+            times[name].append(timer(routes[name][i % len(routes[name])]))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
