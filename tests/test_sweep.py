@@ -22,12 +22,12 @@ from selact.experiments.report import frontier, markdown, summarize
 from selact.experiments.sweep import (
     Finetune,
     SweepConfig,
-    _calibration,
     _Child,
     _dense_epoch_seconds,
     _jobs,
     _merge,
     _Rows,
+    calibration_batches,
     done_jobs,
     merge_shard_files,
     parse_shard,
@@ -104,7 +104,7 @@ def test_budgets_match_an_independent_count(sweep_rows):
                         eval_limit=rec.eval_limit),
             **rec.task_args,
         )  # fmt: skip
-    calib = _calibration(task, rec)
+    calib = calibration_batches(task, rec)
     checked = 0
     for row in rows:
         if row["allocation"] is None or row["finetune_epochs"]:

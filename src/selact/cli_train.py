@@ -224,7 +224,7 @@ def finetune(
 ) -> None:
     """Mask-aware fine-tuning of a dense checkpoint (masks recomputed every step)."""
     from selact.amu import budget_search, uniform_search
-    from selact.experiments.sweep import _calibration, _convert
+    from selact.experiments.sweep import calibration_batches, converted_copy
 
     scale = "smoke" if smoke else scale
     device = _device(device)
@@ -235,14 +235,16 @@ def finetune(
     if strategy == "dense":
         net = copy.deepcopy(dense)
     elif target is not None:
-        net = _convert(dense, strategy, granularity)
+        net = converted_copy(dense, strategy, granularity)
         search = budget_search if allocation == "global" else uniform_search
         with selact.train.autocast(rec.dense, torch.device(device)):
-            result = search(net, _calibration(built, rec), [target], sensitivity=built.sensitivity)
+            result = search(
+                net, calibration_batches(built, rec), [target], sensitivity=built.sensitivity
+            )
         selact.amu.apply_densities(net, result[0].densities)
         fields = {"target_mac_fraction": target, "densities": result[0].densities}
     else:
-        net = _convert(dense, strategy, granularity, density=density or 0.5)
+        net = converted_copy(dense, strategy, granularity, density=density or 0.5)
     config = _train_config(
         rec.finetune,
         epochs=epochs,

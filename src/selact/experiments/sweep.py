@@ -85,12 +85,15 @@ __all__ = [
     "Eval",
     "Finetune",
     "SweepConfig",
+    "calibration_batches",
+    "converted_copy",
     "default_out",
     "merge_shard_files",
     "parse_shard",
     "plan",
     "run_sweep",
     "shard_jobs",
+    "sweep_recipe",
 ]
 
 log = logging.getLogger(__name__)
@@ -558,7 +561,7 @@ def _device(name: str) -> str:
     return name
 
 
-def _calibration(task: Task, rec: Recipe) -> list[torch.Tensor]:
+def calibration_batches(task: Task, rec: Recipe) -> list[torch.Tensor]:
     """The first ``calib_images`` validation images, as model inputs."""
     loader = task.loader("val", batch_size=rec.calib_batch, train=False)
     batches, count = [], 0
@@ -570,7 +573,7 @@ def _calibration(task: Task, rec: Recipe) -> list[torch.Tensor]:
     return batches
 
 
-def _convert(
+def converted_copy(
     dense: nn.Module,
     strategy: str,
     granularity: str,
@@ -797,12 +800,12 @@ def _run_jobs(
     """2. This process's jobs, in priority order, while time is left; each budget search runs
     once across the sweep's processes (``store``)."""
     device = _device(config.device)
-    calib = _calibration(task, rec)
+    calib = calibration_batches(task, rec)
     targets = rec.all_targets()
     searches: dict[tuple[str, str, str], dict[float, BudgetResult]] = {}
 
     def run_search(strategy: str, granularity: str, allocation: str) -> list[BudgetResult]:
-        model = _convert(dense, strategy, granularity)
+        model = converted_copy(dense, strategy, granularity)
         start = time.monotonic()
         with autocast(eval_config, torch.device(device)):
             if allocation == "global":
@@ -885,7 +888,7 @@ def _run_jobs(
                 continue
             with _logged(f"evaluation {job}"):
                 results = search(job.strategy, job.granularity, job.allocation)
-                model = _convert(dense, job.strategy, job.granularity)
+                model = converted_copy(dense, job.strategy, job.granularity)
                 for target in targets:
                     result = results.get(target)
                     if result is None or result.executed_fraction > target + 1e-6:
@@ -962,7 +965,7 @@ def _finetune(job, task, dense, rec, config, run_dir, search, budget_fields, clo
         result = search(job.strategy, job.granularity, job.allocation).get(job.target)
         if result is None or result.executed_fraction > job.target + 1e-6:
             raise RuntimeError(f"no allocation meets the target {job.target:.4f}")
-        model = _convert(dense, job.strategy, job.granularity, result.densities)
+        model = converted_copy(dense, job.strategy, job.granularity, result.densities)
         name = f"ft-{job.strategy}-{job.granularity}-{job.allocation}-{job.target:.3f}-s{job.seed}"
         fields = budget_fields(result)
     torch.manual_seed(job.seed)

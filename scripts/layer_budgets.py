@@ -1,0 +1,105 @@
+"""Where each AMU strategy spends a global MAC budget: the greedy budget search of the sweep
+(same calibration images, targets and settings as `selact sweep`), per layer, for SAPI and SAPW
+on one dense CIFAR-10 checkpoint, with the val top-1 of each allocation (no fine-tuning).
+Writes a JSON list of rows (one per strategy and layer) and prints a Markdown table.
+
+Usage (from the repository root):
+  python scripts/layer_budgets.py CKPT --model resnet20 --data ../shared/data --target 0.3333 \
+      --out results/cifar10/full-h100/resnet20-layer-budgets.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+import torch
+
+import selact
+from selact._files import atomic_write_text
+from selact._provenance import commit
+from selact.amu import apply_densities, budget_search
+from selact.experiments.recipes import recipe
+from selact.experiments.sweep import calibration_batches, converted_copy
+from selact.models import create_model
+from selact.train import TaskOptions, create_task, hardware, load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--strategies", nargs="+", default=["sapi", "sapw"])
+    parser.add_argument("--target", type=float, default=1 / 3)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    rec = recipe(args.model)
+    targets = sorted({*rec.all_targets(), args.target}, reverse=True)
+    task = create_task("cifar10", TaskOptions(data=args.data, device="cpu"), **rec.task_args)
+    dense, _ = load_model(create_model(args.model, **task.model_kwargs()), args.checkpoint)
+    dense.eval()
+    calib = calibration_batches(task, rec)
+    rows = []
+    for strategy in args.strategies:
+        model = converted_copy(dense, strategy, "element")
+        results = budget_search(
+            model, calib, targets, sensitivity=task.sensitivity, mac_step=0.01,
+            max_steps=rec.search_steps, refresh=rec.search_refresh,
+        )  # fmt: skip
+        result = next(r for r in results if abs(r.target - args.target) < 1e-9)
+        apply_densities(model, result.densities)
+        selact.reset_stats(model)
+        with torch.no_grad():
+            val = task.evaluate(model, task.loader("val", batch_size=1000, train=False))
+        stats = selact.stats(model)
+        total = stats.total.dense_macs
+        for name, layer in stats.layers.items():
+            rows.append(
+                {
+                    "strategy": strategy,
+                    "layer": name,
+                    "density": result.densities.get(name),
+                    "dense_mac_share": layer.dense_macs / total,
+                    "zero_skip_fraction": layer.zero_skip_fraction,
+                    "executed_fraction": layer.executed_fraction,
+                    "executed_mac_share": layer.executed_macs / total,
+                    "val_top1": val["top1"],
+                    "val_executed_fraction": stats.total.executed_fraction,
+                    "target": args.target,
+                    "model": args.model,
+                    "checkpoint": str(args.checkpoint),
+                    "calib_images": rec.calib_images,
+                    "hardware": hardware("cpu"),
+                    "commit": commit(),
+                    "date": datetime.date.today().isoformat(),
+                }
+            )
+        print(f"{strategy}: val top-1 {100 * val['top1']:.2f} % at executed/dense "
+              f"{stats.total.executed_fraction:.3f}", flush=True)  # fmt: skip
+    atomic_write_text(Path(args.out), json.dumps(rows, indent=1) + "\n")
+    by_layer: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_layer.setdefault(row["layer"], {})[row["strategy"]] = row
+    head = " | ".join(f"{s} density | {s} exec/dense" for s in args.strategies)
+    print(f"| layer | share of dense MACs | zero-skip/dense | {head} |")
+    print("|---|---|---|" + "---|---|" * len(args.strategies))
+    for name, per in by_layer.items():
+        first = next(iter(per.values()))
+        cells = " | ".join(
+            f"{_fmt(per[s]['density'])} | {per[s]['executed_fraction']:.3f}"
+            for s in args.strategies
+        )
+        print(f"| {name} | {first['dense_mac_share']:.3f} | {first['zero_skip_fraction']:.3f} | "
+              f"{cells} |")  # fmt: skip
+
+
+def _fmt(density: float | None) -> str:
+    return "dense" if density is None else f"{density:.3f}"
+
+
+if __name__ == "__main__":
+    main()
