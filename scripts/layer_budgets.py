@@ -1,6 +1,8 @@
 """Where each AMU strategy spends a global MAC budget: the greedy budget search of the sweep
 (same calibration images, targets and settings as `selact sweep`), per layer, for SAPI and SAPW
-on one dense CIFAR-10 checkpoint, with the val top-1 of each allocation (no fine-tuning).
+on one dense CIFAR-10 checkpoint, with the val top-1 of each allocation (no fine-tuning) and the
+spread of the norms of the weights each input feeds (max / min over the inputs: where it is wide,
+SAPW's scores differ most from SAPI's).
 Writes a JSON list of rows (one per strategy and layer) and prints a Markdown table.
 
 Usage (from the repository root):
@@ -57,6 +59,7 @@ def main() -> None:
             val = task.evaluate(model, task.loader("val", batch_size=1000, train=False))
         stats = selact.stats(model)
         total = stats.total.dense_macs
+        modules = dict(dense.named_modules())
         for name, layer in stats.layers.items():
             rows.append(
                 {
@@ -67,6 +70,7 @@ def main() -> None:
                     "zero_skip_fraction": layer.zero_skip_fraction,
                     "executed_fraction": layer.executed_fraction,
                     "executed_mac_share": layer.executed_macs / total,
+                    "weight_norm_spread": _norm_spread(modules[name].weight),
                     "val_top1": val["top1"],
                     "val_executed_fraction": stats.total.executed_fraction,
                     "target": args.target,
@@ -85,8 +89,8 @@ def main() -> None:
     for row in rows:
         by_layer.setdefault(row["layer"], {})[row["strategy"]] = row
     head = " | ".join(f"{s} density | {s} exec/dense" for s in args.strategies)
-    print(f"| layer | share of dense MACs | zero-skip/dense | {head} |")
-    print("|---|---|---|" + "---|---|" * len(args.strategies))
+    print(f"| layer | share of dense MACs | zero-skip/dense | weight norms max/min | {head} |")
+    print("|---|---|---|---|" + "---|---|" * len(args.strategies))
     for name, per in by_layer.items():
         first = next(iter(per.values()))
         cells = " | ".join(
@@ -94,7 +98,15 @@ def main() -> None:
             for s in args.strategies
         )
         print(f"| {name} | {first['dense_mac_share']:.3f} | {first['zero_skip_fraction']:.3f} | "
-              f"{cells} |")  # fmt: skip
+              f"{first['weight_norm_spread']:.1f} | {cells} |")  # fmt: skip
+
+
+def _norm_spread(weight: torch.Tensor) -> float:
+    """Max / min over the inputs of the norm of the weights each input feeds (dim 1 of a Linear
+    or Conv2d weight)."""
+    dims = [d for d in range(weight.dim()) if d != 1]
+    norms = weight.detach().float().pow(2).sum(dim=dims).sqrt()
+    return float(norms.max() / norms.min().clamp_min(1e-12))
 
 
 def _fmt(density: float | None) -> str:
