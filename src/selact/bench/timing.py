@@ -2,9 +2,8 @@
 
 The routes being compared run interleaved, one call of each in turn, so that load from other
 processes shifts them alike and their ratios stay meaningful; the order of the turn is shuffled
-every round (seeded), so that no route always follows the same one. In a fixed order the route
-after dense PyTorch paid for it: measured on 2 Xeon cores, 768 -> 3072 at density 0.5, the same
-CPU backend call took 130 us right after the dense route and 110 us after another sparse one. Each route cycles through several
+every round (seeded), so that no route always follows the same one: in a fixed order the route
+after dense PyTorch always paid for the weights dense had just streamed through the caches. Each route cycles through several
 inputs and masks, as a layer sees new ones every call (a fixed mask would keep its kept weights
 in cache and flatter the sparse kernels), and reads its own copy of the weights: between two calls
 of one route the others' traffic evicts its data, as the other layers of a model do. On the GPU
