@@ -59,7 +59,7 @@ def main() -> None:
             val = task.evaluate(model, task.loader("val", batch_size=1000, train=False))
         stats = selact.stats(model)
         total = stats.total.dense_macs
-        modules = dict(dense.named_modules())
+        modules = dict(model.named_modules())
         for name, layer in stats.layers.items():
             rows.append(
                 {
@@ -70,7 +70,7 @@ def main() -> None:
                     "zero_skip_fraction": layer.zero_skip_fraction,
                     "executed_fraction": layer.executed_fraction,
                     "executed_mac_share": layer.executed_macs / total,
-                    "weight_norm_spread": _norm_spread(modules[name].weight),
+                    "weight_norm_spread": _norm_spread(getattr(modules[name], "weight", None)),
                     "val_top1": val["top1"],
                     "val_executed_fraction": stats.total.executed_fraction,
                     "target": args.target,
@@ -98,19 +98,21 @@ def main() -> None:
             for s in args.strategies
         )
         print(f"| {name} | {first['dense_mac_share']:.3f} | {first['zero_skip_fraction']:.3f} | "
-              f"{first['weight_norm_spread']:.1f} | {cells} |")  # fmt: skip
+              f"{_fmt(first['weight_norm_spread'], '–', 1)} | {cells} |")  # fmt: skip
 
 
-def _norm_spread(weight: torch.Tensor) -> float:
+def _norm_spread(weight: torch.Tensor | None) -> float | None:
     """Max / min over the inputs of the norm of the weights each input feeds (dim 1 of a Linear
-    or Conv2d weight)."""
+    or Conv2d weight); None for layers without such a weight (attention's products)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        return None
     dims = [d for d in range(weight.dim()) if d != 1]
     norms = weight.detach().float().pow(2).sum(dim=dims).sqrt()
     return float(norms.max() / norms.min().clamp_min(1e-12))
 
 
-def _fmt(density: float | None) -> str:
-    return "dense" if density is None else f"{density:.3f}"
+def _fmt(value: float | None, missing: str = "dense", digits: int = 3) -> str:
+    return missing if value is None else f"{value:.{digits}f}"
 
 
 if __name__ == "__main__":
