@@ -3,14 +3,15 @@
 The routes being compared run interleaved, one call of each in turn, so that load from other
 processes shifts them alike and their ratios stay meaningful; the order of the turn is shuffled
 every round (seeded), so that no route always follows the same one: in a fixed order the route
-after dense PyTorch always paid for the weights dense had just streamed through the caches. Each route cycles through several
-inputs and masks, as a layer sees new ones every call (a fixed mask would keep its kept weights
-in cache and flatter the sparse kernels), and reads its own copy of the weights: between two calls
-of one route the others' traffic evicts its data, as the other layers of a model do. On the GPU
-the L2 cache is emptied before each timed call, for the same reason, by *reading* a buffer larger
-than it: a flush by writing (``buffer.zero_()``, as ``triton.testing.do_bench`` does) leaves the
-L2 full of dirty lines, whose write-back the timed call would pay for, dense or sparse alike (a
-cost of the flush, not of the layer; docs/kernels.md compares the two on an H100).
+after dense PyTorch always paid for the weights dense had just streamed through the caches. Each
+route cycles through several inputs and masks, as a layer sees new ones every call (a fixed mask
+would keep its kept weights in cache and flatter the sparse kernels), and reads its own copy of the
+weights: between two calls of one route the others' traffic evicts its data, as the other layers of
+a model do. On the GPU the L2 cache is emptied before each timed call, for the same reason, by
+*reading* a buffer larger than it: a flush by writing (``buffer.zero_()``, as
+``triton.testing.do_bench`` does) leaves the L2 full of dirty lines, whose write-back the timed
+call would pay for, dense or sparse alike (a cost of the flush, not of the layer; docs/kernels.md
+compares the two on an H100).
 """
 
 from __future__ import annotations

@@ -120,18 +120,19 @@ class SelectiveModule(Converted, nn.Module):
         self.check_input(x, size=weight.shape[1])
         groups = self._fused_linear_groups(x, weight)
         if groups:
-            return self._fused_project(x, weight, bias, groups)
-        mask = self.input_mask(x, weight, "linear")
-        x, weight, bias = self.autocast_operands(x, weight, bias)
-        with self.blame():
-            y, executed = mgemm.linear(
-                x,
-                weight,
-                bias,
-                in_mask=mask,
-                count=self.config.counting,
-                backend=self.config.backend,
-            )
+            mask, y, executed = self._fused_project(x, weight, bias, groups)
+        else:
+            mask = self.input_mask(x, weight, "linear")
+            x, weight, bias = self.autocast_operands(x, weight, bias)
+            with self.blame():
+                y, executed = mgemm.linear(
+                    x,
+                    weight,
+                    bias,
+                    in_mask=mask,
+                    count=self.config.counting,
+                    backend=self.config.backend,
+                )
         if self.config.counting:
             with torch.no_grad():
                 zero_skip = mgemm.linear_macs(x != 0, None, weight.shape[0])
@@ -189,7 +190,8 @@ class SelectiveModule(Converted, nn.Module):
         ok = groups > 0 and cpu.serves_runs(groups, rows) and self.fused_call(x, weight)
         return groups if ok else 0
 
-    def _fused_project(self, x, weight, bias, groups: int) -> torch.Tensor:
+    def _fused_project(self, x, weight, bias, groups: int) -> tuple:
+        """(mask shaped to broadcast over ``x``, or None when not counting; y; executed MACs)."""
         norms = None
         if self.config.strategy == "sapw":
             norms = self._input_norms(weight, "linear", 1).reshape(-1)
@@ -197,18 +199,12 @@ class SelectiveModule(Converted, nn.Module):
         y, keep, executed = cpu.select_linear(
             x, weight, bias, groups=groups, keep=self._fused_keep, norms=norms, count=counting
         )
-        if counting:
-            if self.config.granularity == "element":
-                mask = keep.reshape(x.shape)
-            else:  # one feature mask per sample, broadcast over its tokens
-                mask = (
-                    keep.reshape(x.shape[0], *([1] * (x.dim() - 2)), -1) if x.dim() > 1 else keep[0]
-                )
-            with torch.no_grad():
-                zero_skip = mgemm.linear_macs(x != 0, None, weight.shape[0])
-            dense = mgemm.dense_linear_macs(x.shape, weight.shape[0])
-            self.record(x, mask, dense=dense, zero_skip=zero_skip, executed=executed)
-        return y
+        mask = None
+        if counting and self.config.granularity == "element":
+            mask = keep.reshape(x.shape)
+        elif counting:  # one feature mask per sample, broadcast over its tokens
+            mask = keep.reshape(x.shape[0], *([1] * (x.dim() - 2)), -1) if x.dim() > 1 else keep[0]
+        return mask, y, executed
 
     def check_input(
         self,
