@@ -124,15 +124,7 @@ class SelectiveModule(Converted, nn.Module):
         else:
             mask = self.input_mask(x, weight, "linear")
             x, weight, bias = self.autocast_operands(x, weight, bias)
-            with self.blame():
-                y, executed = mgemm.linear(
-                    x,
-                    weight,
-                    bias,
-                    in_mask=mask,
-                    count=self.config.counting,
-                    backend=self.config.backend,
-                )
+            y, executed = self.mgemm_call(mgemm.linear, x, weight, bias, mask=mask)
         if self.config.counting:
             with torch.no_grad():
                 zero_skip = mgemm.linear_macs(x != 0, None, weight.shape[0])
@@ -230,6 +222,21 @@ class SelectiveModule(Converted, nn.Module):
                 ValueError,
                 f"its input of shape {tuple(x.shape)} holds NaN or inf "
                 "(set check_finite=False to skip this check)",
+            )
+
+    def mgemm_call(self, op, x, weight, bias, *args, mask):
+        """``op`` (an MGEMM op) on the layer's operands with its input ``mask``, under the
+        layer's counting and backend settings and with its name on any error: the general
+        route's work."""
+        with self.blame():
+            return op(
+                x,
+                weight,
+                bias,
+                *args,
+                in_mask=mask,
+                count=self.config.counting,
+                backend=self.config.backend,
             )
 
     @contextlib.contextmanager

@@ -82,16 +82,7 @@ class SelectiveConv2d(SelectiveModule):
         else:
             mask = self.input_mask(x, self.weight, "conv", self.groups)
             x, weight, bias = self.autocast_operands(x, self.weight, self.bias)
-            with self.blame():
-                y, executed = mgemm.conv2d(
-                    x,
-                    weight,
-                    bias,
-                    *args,
-                    in_mask=mask,
-                    count=self.config.counting,
-                    backend=self.config.backend,
-                )
+            y, executed = self.mgemm_call(mgemm.conv2d, x, weight, bias, *args, mask=mask)
         if self.config.counting:
             with torch.no_grad():
                 zero_skip = mgemm.conv2d_macs(x != 0, self.weight.shape, *args)
