@@ -49,9 +49,9 @@ def test_cpu_kernels_are_custom_ops_with_matching_fake_implementations():
     if not cpu.available():
         pytest.skip("the CPU kernels could not be built")
     torch.manual_seed(0)
-    x, w, b = torch.randn(6, 20), torch.randn(7, 20), torch.randn(7)
+    x, w, b = torch.randn(2, 3, 20), torch.randn(7, 20), torch.randn(7)
     packed = cpu.packed_weight(w)
-    mask = torch.rand(2, 20) < 0.5
+    mask = torch.rand(2, 1, 20) < 0.5  # a mask per sample, shared by its 3 rows
     image, kernel = torch.randn(2, 5, 6, 6), torch.randn(4, 5, 3, 3)
     geometry = cpu.conv_geometry(kernel.shape, 1, 1, 1)
     ops = torch.ops.selact_cpu

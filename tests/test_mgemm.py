@@ -488,6 +488,51 @@ def test_cpu_linear_token_runs_equal_their_samples_one_by_one(samples, tokens, t
     assert "limit" in mgemm.why_not("cpu", short)  # 9 runs of 2 rows: each re-reads its weights
 
 
+def _mask_layouts(x_shape, seed):
+    """Masks broadcastable to ``x_shape`` (B, T, K) in the layouts a caller may pass: contiguous
+    per row, per sample (B, 1, K), shared with extra leading ones, expanded (stride 0), sliced
+    (non-contiguous), transposed, a feature size of 1 (whole rows kept or dropped)."""
+    b, t, k = x_shape
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g) < 0.5
+
+    return {
+        "per row": rand(b, t, k),
+        "per sample": rand(b, 1, k),
+        "shared, leading ones": rand(1, 1, k),
+        "per token position": rand(t, k),
+        "expanded": rand(b, 1, k).expand(b, t, k),
+        "sliced": rand(b, t, 2 * k)[..., ::2],
+        "transposed": rand(b, k, t).transpose(1, 2),
+        "whole rows": rand(b, t, 1),
+    }
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 9),
+    t=st.integers(1, 10),
+    k=st.integers(1, 40),
+    layout=st.sampled_from(list(_mask_layouts((1, 1, 1), 0))),
+    seed=st.integers(0, 2**16),
+)
+def test_cpu_linear_reads_masks_of_any_layout(b, t, k, layout, seed):
+    """The CPU kernel takes ``x`` (..., K) and the mask as given (it reads both in place where it
+    can, else copies the mask into its (runs, K) rows): outputs and MACs are the reference's."""
+    x = _relu_input((b, t, k), torch.float32, seed)
+    w, bias = torch.randn(7, k), torch.randn(7)
+    mask = _mask_layouts((b, t, k), seed)[layout]
+    case = mgemm.linear_case(x, w, bias, in_mask=mask)
+    if mgemm.why_not("cpu", case):
+        return  # too many short runs: the dispatcher never sends it there
+    y, macs = mgemm.linear(x, w, bias, in_mask=mask, backend="cpu")
+    expected, expected_macs = mgemm.linear(x, w, bias, in_mask=mask, backend="reference")
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    assert int(macs) == int(expected_macs)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     rows=st.integers(1, 70),

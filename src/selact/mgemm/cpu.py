@@ -52,7 +52,8 @@ _SOURCE = Path(__file__).parent / "csrc" / "sparse_linear.cpp"
 #: ops (``torch.ops.selact_cpu.*``, with fake implementations for torch.compile), but the
 #: backend calls them directly: PyTorch's dispatcher boxes every argument (measured: 2.4 instead
 #: of 1.1 us a call warm, 10.9 instead of 4.5 us right after a dense 768 -> 3072 layer has
-#: evicted the caches).
+#: evicted the caches). As functions they return None for the MACs when not counted and for a
+#: convolution's mask when it was given (the ops return tensors).
 KERNELS: dict[str, Callable] = {}
 
 
@@ -95,12 +96,12 @@ def _build() -> str | None:
 
 def _sparse_linear_fake(x, mask, packed, bias, n_out, count):
     """Shapes of the kernel's results, so that torch.compile can trace around it."""
-    return x.new_empty(x.shape[0], n_out), torch.empty((), dtype=torch.long)
+    return x.new_empty(*x.shape[:-1], n_out), torch.empty((), dtype=torch.long)
 
 
 def _select_linear_fake(x, groups, k, norms, packed, bias, n_out, count):
-    keep = x.new_empty(groups, x.shape[1], dtype=torch.bool)
-    return x.new_empty(x.shape[0], n_out), keep, torch.empty((), dtype=torch.long)
+    keep = x.new_empty(groups, x.shape[-1], dtype=torch.bool)
+    return x.new_empty(*x.shape[:-1], n_out), keep, torch.empty((), dtype=torch.long)
 
 
 def _topk_mask_fake(scores, k):
@@ -115,8 +116,8 @@ def _channel_conv_fake(
         x.shape[0], n_out, h_out, w_out, dtype=x.dtype, device=x.device,
         memory_format=torch.channels_last,
     )  # fmt: skip
-    keep = x.new_empty(x.shape[:2], dtype=torch.bool) if keep is None else keep
-    return y, keep, torch.empty((), dtype=torch.long)
+    samples = x.shape[0] if keep is None else keep.shape[0]
+    return y, x.new_empty(samples, x.shape[1], dtype=torch.bool), torch.empty((), dtype=torch.long)
 
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -173,11 +174,9 @@ _madvise = _libc_madvise()
 def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True):
     if torch.compiler.is_compiling():
         return _eagerly(linear, x, weight, bias, in_mask=in_mask, out_mask=out_mask, count=count)
-    n, k = weight.shape
-    rows = x if x.dim() == 2 else x.reshape(-1, k)  # the kernel makes it contiguous if need be
-    mask = None if in_mask is None else _grouped_mask(in_mask, x.shape)
-    y, macs = KERNELS["linear"](rows, mask, packed_weight(weight), bias, n, count)
-    return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)), macs if count else None
+    # x of any leading dims and the mask as given: the kernel reads both in place (shapes in
+    # Python cost microseconds a call under a cold cache)
+    return KERNELS["linear"](x, in_mask, packed_weight(weight), bias, weight.shape[0], count)
 
 
 def select_linear(x, weight, bias, *, groups, keep, norms=None, count=True):
@@ -191,12 +190,9 @@ def select_linear(x, weight, bias, *, groups, keep, norms=None, count=True):
         return _eagerly(
             select_linear, x, weight, bias, groups=groups, keep=keep, norms=norms, count=count
         )
-    n, k = weight.shape
-    rows = x if x.dim() == 2 else x.reshape(-1, k)
-    y, kept, macs = KERNELS["select_linear"](
-        rows, groups, keep, norms, packed_weight(weight), bias, n, count
+    return KERNELS["select_linear"](
+        x, groups, keep, norms, packed_weight(weight), bias, weight.shape[0], count
     )
-    return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)), kept, macs if count else None
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -226,20 +222,6 @@ def _shared_tail(mask_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> int:
     return shared
 
 
-def _grouped_mask(mask: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
-    """``mask`` as the kernel takes it: (G, K), one row per run of rows (:func:`mask_groups`),
-    or (K,) for G = 1; the kernel makes it contiguous if need be."""
-    if mask.dim() == 1 or (mask.dim() == 2 and mask.shape == x_shape):  # the common cases
-        return mask
-    if mask.shape == x_shape:  # a mask per row
-        return mask.reshape(-1, x_shape[-1])
-    lead, k = tuple(x_shape[:-1]), x_shape[-1]
-    varying = len(lead) - _shared_tail(tuple(mask.shape), tuple(x_shape))
-    full = mask.reshape((1,) * (len(x_shape) - mask.dim()) + tuple(mask.shape))
-    target = (*lead[:varying], *full.shape[varying:-1], k)
-    return full.expand(target).reshape(-1, k)
-
-
 def conv2d(
     x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, in_mask=None, count=True
 ):
@@ -252,7 +234,7 @@ def conv2d(
     y, _, macs = KERNELS["conv2d"](
         x, in_mask, 0, None, packed_weight(weight), bias, *geometry, count
     )
-    return y, macs if count else None
+    return y, macs
 
 
 def conv_geometry(weight_shape, stride, padding, dilation) -> tuple[int, ...]:
@@ -280,10 +262,7 @@ def select_conv2d(x, weight, bias, geometry, *, keep, norms=None, count=True):
         return _eagerly(
             select_conv2d, x, weight, bias, geometry, keep=keep, norms=norms, count=count
         )
-    y, kept, macs = KERNELS["conv2d"](
-        x, None, keep, norms, packed_weight(weight), bias, *geometry, count
-    )
-    return y, kept, macs if count else None
+    return KERNELS["conv2d"](x, None, keep, norms, packed_weight(weight), bias, *geometry, count)
 
 
 def available() -> bool:

@@ -24,6 +24,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
@@ -305,6 +306,20 @@ void indexed_gemm(const Gemm& g) {
 // ---------------------------------------------------------------------------------------------
 // ops
 
+// A new uninitialised CPU tensor, allocated without a trip through PyTorch's dispatcher: that trip
+// (at::empty) costs about 4 us when a previous layer has evicted the caches, as much as the rest
+// of a small call (measured on 2 Xeon cores).
+at::Tensor new_tensor(at::IntArrayRef sizes, at::ScalarType dtype,
+                      at::MemoryFormat format = at::MemoryFormat::Contiguous) {
+  return at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, format);
+}
+
+at::Tensor new_mask(at::IntArrayRef sizes) {
+  at::Tensor keep = new_tensor(sizes, at::kBool);
+  std::memset(keep.data_ptr<bool>(), 0, static_cast<size_t>(keep.numel()));
+  return keep;
+}
+
 void check_packed(const at::Tensor& packed, int64_t K, int64_t n_out) {
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kFloat && packed.is_contiguous(),
               "packed weight: contiguous (K, Np) float32");
@@ -433,7 +448,7 @@ at::Tensor channel_topk(const at::Tensor& x, const c10::optional<at::Tensor>& no
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(k >= 1 && k <= C, "k must be in [1, C]");
   const float* np = norms_data(norms, C);
-  at::Tensor keep = at::zeros({B, C}, x.options().dtype(at::kBool));
+  at::Tensor keep = new_mask({B, C});
   const float* xp = x.data_ptr<float>();
   const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
   std::vector<double> score(C);
@@ -472,16 +487,16 @@ at::Tensor channel_topk(const at::Tensor& x, const c10::optional<at::Tensor>& no
   return keep;
 }
 
-// The AMU's top-k for linear inputs x (G·T, K), contiguous: per run g of T rows (a sample's
+// The AMU's top-k for linear inputs, the R = G·T rows of K floats at xp: per run g of T rows (a sample's
 // tokens; T = 1: per row) the k features with the largest mean |x| over the run (times
 // norms[f] for SAPW); ties go to the lower feature. Returns keep (G, K) bool: the selection of
 // selact.amu.mask with channel granularity (element when T = 1) and a top-k budget.
-at::Tensor feature_topk(const at::Tensor& x, int64_t G, const c10::optional<at::Tensor>& norms, int64_t k) {
-  const int64_t R = x.size(0), K = x.size(1), T = G > 0 ? R / G : 0;
+at::Tensor feature_topk(const float* xp, int64_t R, int64_t K, int64_t G, const c10::optional<at::Tensor>& norms,
+                        int64_t k) {
+  const int64_t T = G > 0 ? R / G : 0;
   TORCH_CHECK(k >= 1 && k <= K, "k must be in [1, K]");
   const float* np = norms_data(norms, K);
-  at::Tensor keep = at::zeros({G, K}, x.options().dtype(at::kBool));
-  const float* xp = x.data_ptr<float>();
+  at::Tensor keep = new_mask({G, K});
   bool* kp = keep.data_ptr<bool>();
   at::parallel_for(0, G, std::max<int64_t>(1, MIN_WORK / std::max<int64_t>(1, 8 * T * K)), [&](int64_t g0, int64_t g1) {
     std::vector<float> score(K);  // float sums, as the AMU's float32 means
@@ -503,18 +518,18 @@ at::Tensor feature_topk(const at::Tensor& x, int64_t G, const c10::optional<at::
 
 namespace {
 
-// y = (m ⊙ x) Wᵀ + b for x (R, K) contiguous float32 and m (G, K) (or null: every input kept,
-// G = R), G dividing R: runs of one row take the GEMV, longer runs one GEMM each over their kept
-// inputs. Returns (y, MACs): the kept nonzero inputs times N (zero when count is false).
-std::tuple<at::Tensor, at::Tensor> masked_linear(const at::Tensor& x, const bool* m, int64_t G, const at::Tensor& packed,
-                                                 const c10::optional<at::Tensor>& bias, int64_t n_out, bool count) {
-  const int64_t R = x.size(0), K = x.size(1);
+// y = (m ⊙ x) Wᵀ + b for the R rows of x (R·K contiguous floats) and m (G, K) (or null: every
+// input kept, G = R), G dividing R: runs of one row take the GEMV, longer runs one GEMM each over
+// their kept inputs. y has the sizes y_sizes (R·N floats). Returns (y, MACs): the kept nonzero
+// inputs times N (zero when count is false).
+std::pair<at::Tensor, int64_t> masked_linear(const float* xp, int64_t R, int64_t K, const bool* m, int64_t G,
+                                             const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+                                             int64_t n_out, bool count, at::IntArrayRef y_sizes) {
   check_packed(packed, K, n_out);
   const int64_t Np = packed.size(1);
   const float* b = bias_data(bias, n_out);
-  const float* xp = x.data_ptr<float>();
   const float* wt = packed.data_ptr<float>();
-  at::Tensor y = at::empty({R, n_out}, x.options());
+  at::Tensor y = new_tensor(y_sizes, at::kFloat);
   float* yp = y.data_ptr<float>();
   const int64_t T = G > 0 ? R / G : 0;  // rows per mask row
   int64_t macs = 0;
@@ -522,17 +537,17 @@ std::tuple<at::Tensor, at::Tensor> masked_linear(const at::Tensor& x, const bool
     // Many rows with their own masks: each GEMV would re-read its kept weights, so the masked
     // rows go through one dense GEMM (MKL) instead, which reads the weight once. The dropped
     // inputs are zeros there; the MACs counted are the kept ones, as for the reference backend.
-    at::Tensor kept = x.clone();
+    at::Tensor kept = new_tensor({R, K}, at::kFloat);
     float* kp = kept.data_ptr<float>();
-    if (m != nullptr)
-      at::parallel_for(0, R, std::max<int64_t>(1, MIN_WORK / std::max<int64_t>(1, K)), [&](int64_t r0, int64_t r1) {
-        for (int64_t i = r0 * K; i < r1 * K; ++i) kp[i] = m[i] ? kp[i] : 0.0f;
-      });
+    at::parallel_for(0, R, std::max<int64_t>(1, MIN_WORK / std::max<int64_t>(1, K)), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0 * K; i < r1 * K; ++i) kp[i] = m == nullptr || m[i] ? xp[i] : 0.0f;
+    });
     const at::Tensor w = packed.narrow(1, 0, n_out);  // Wᵀ (K, N), rows Np apart
+    at::Tensor y2 = y.view({R, n_out});
     if (bias.has_value())
-      at::addmm_out(y, *bias, kept, w);
+      at::addmm_out(y2, *bias, kept, w);
     else
-      at::mm_out(y, kept, w);
+      at::mm_out(y2, kept, w);
     if (count) {
       int64_t nonzero = 0;
       for (int64_t i = 0; i < R * K; ++i) nonzero += kp[i] != 0.0f;
@@ -570,42 +585,96 @@ std::tuple<at::Tensor, at::Tensor> masked_linear(const at::Tensor& x, const bool
     });
     macs = total.load();
   }
-  return {y, at::scalar_tensor(count ? macs : 0, at::kLong)};
+  return {y, count ? macs : 0};
+}
+
+// The rows of x (..., K) as the kernels take them: R rows of K contiguous floats, and y's sizes
+// (..., N).
+struct Rows {
+  at::Tensor x;  // contiguous (copied only if it was not)
+  int64_t R, K;
+  std::vector<int64_t> y_sizes;
+};
+
+Rows linear_rows(const at::Tensor& x_in, int64_t n_out) {
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.scalar_type() == at::kFloat, "x: (..., K) float32");
+  Rows rows{x_in.contiguous(), 1, x_in.size(-1), std::vector<int64_t>(x_in.sizes().begin(), x_in.sizes().end())};
+  for (int64_t d = 0; d + 1 < x_in.dim(); ++d) rows.R *= x_in.size(d);
+  rows.y_sizes.back() = n_out;
+  return rows;
+}
+
+// A mask broadcastable to x (..., K) as the kernels read it: G rows of K, one per run of
+// consecutive rows of x that share it (selact.mgemm.cpu.mask_groups: a (K,) mask, G = 1; per-row
+// masks, G = rows; a (B, 1, K) mask on (B, T, K) tokens, G = B). Read in place where its memory
+// already is that (G, K) array (the common cases), else copied into `copy`.
+std::pair<const bool*, int64_t> mask_rows(const at::Tensor& mask, at::IntArrayRef x_sizes, std::vector<uint8_t>& copy) {
+  const int64_t dims = static_cast<int64_t>(x_sizes.size()), lead = dims - 1, K = x_sizes[lead];
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() <= dims, "mask: bool, broadcastable to x");
+  // the mask's sizes and strides right-aligned to x's dims, stride 0 where it broadcasts
+  std::vector<int64_t> size(dims, 1), stride(dims, 0);
+  for (int64_t i = 0; i < mask.dim(); ++i) {
+    const int64_t d = dims - mask.dim() + i;
+    size[d] = mask.size(i);
+    stride[d] = size[d] == 1 ? 0 : mask.stride(i);
+    TORCH_CHECK(size[d] == 1 || size[d] == x_sizes[d], "mask ", mask.sizes(), " does not broadcast to x ", x_sizes);
+  }
+  int64_t varying = lead;  // the mask changes along x's dims [0, varying) and is shared along the rest
+  while (varying > 0 && size[varying - 1] == 1) --varying;
+  int64_t G = 1;
+  for (int64_t d = 0; d < varying; ++d) G *= x_sizes[d];
+  const bool* data = mask.data_ptr<bool>();
+  // In place: the features contiguous, each varying dim the mask's own (no broadcast inside the
+  // runs) with the strides of a contiguous (x_sizes[0:varying]..., K) array.
+  bool in_place = size[lead] == K && (K <= 1 || stride[lead] == 1);
+  for (int64_t d = varying - 1, step = K; d >= 0 && in_place; --d) {
+    in_place = size[d] == x_sizes[d] && (size[d] == 1 || stride[d] == step);
+    step *= x_sizes[d];
+  }
+  if (in_place) return {data, G};
+  copy.resize(static_cast<size_t>(G * K));
+  for (int64_t g = 0; g < G; ++g) {
+    int64_t offset = 0;
+    for (int64_t d = varying - 1, rest = g; d >= 0; --d) {
+      offset += (rest % x_sizes[d]) * stride[d];
+      rest /= x_sizes[d];
+    }
+    for (int64_t k = 0; k < K; ++k) copy[g * K + k] = data[offset + k * stride[lead]];
+  }
+  return {reinterpret_cast<const bool*>(copy.data()), G};
 }
 
 }  // namespace
 
-// y = (mask ⊙ x) Wᵀ + b for x (R, K) float32 and mask (G, K) or (K,) (G = 1), G dividing R: the
-// g-th run of R/G consecutive rows shares mask row g (per row: G = R; per sample of a token
-// sequence: G = samples). Without a mask every input is kept. Returns (y, MACs), see masked_linear.
-std::tuple<at::Tensor, at::Tensor> sparse_linear(const at::Tensor& x_in, const c10::optional<at::Tensor>& mask_in,
-                                                 const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
-                                                 int64_t n_out, bool count) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x: (R, K) float32");
-  const at::Tensor x = x_in.contiguous();  // copies only what is not (cheaper here than in Python)
-  const int64_t R = x.size(0), K = x.size(1);
-  if (!mask_in.has_value()) return masked_linear(x, nullptr, R, packed, bias, n_out, count);
-  const at::Tensor mask = mask_in->contiguous();
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask: bool");
-  TORCH_CHECK((mask.dim() == 1 || mask.dim() == 2) && mask.size(-1) == K, "mask must be (G, K) or (K,)");
-  const int64_t G = mask.dim() == 1 ? 1 : mask.size(0);
-  TORCH_CHECK(G > 0 ? R % G == 0 : R == 0, "mask has ", G, " rows, which do not divide the ", R, " rows of x");
-  return masked_linear(x, mask.data_ptr<bool>(), G, packed, bias, n_out, count);
+// y = (mask ⊙ x) Wᵀ + b for x (..., K) float32 and a bool mask broadcastable to x (see mask_rows:
+// runs of consecutive rows that share a mask row are taken together). Without a mask every input
+// is kept. Returns (y (..., N), MACs), see masked_linear.
+std::pair<at::Tensor, int64_t> sparse_linear(const at::Tensor& x_in, const c10::optional<at::Tensor>& mask,
+                                             const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+                                             int64_t n_out, bool count) {
+  const Rows rows = linear_rows(x_in, n_out);
+  const float* xp = rows.x.data_ptr<float>();
+  if (!mask.has_value())
+    return masked_linear(xp, rows.R, rows.K, nullptr, rows.R, packed, bias, n_out, count, rows.y_sizes);
+  std::vector<uint8_t> copy;
+  const auto [m, G] = mask_rows(*mask, x_in.sizes(), copy);
+  return masked_linear(xp, rows.R, rows.K, m, G, packed, bias, n_out, count, rows.y_sizes);
 }
 
-// The AMU's feature top-k and the masked linear in one call: x (R, K) float32 in G runs of R/G
-// rows (a sample's tokens, or single rows), each run keeping its k features of largest mean |x|
-// (times norms for SAPW; see feature_topk). Returns (y, keep (G, K) bool, MACs).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> select_linear(const at::Tensor& x_in, int64_t G, int64_t k,
-                                                             const c10::optional<at::Tensor>& norms,
-                                                             const at::Tensor& packed,
-                                                             const c10::optional<at::Tensor>& bias, int64_t n_out,
-                                                             bool count) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x: (R, K) float32");
-  const at::Tensor x = x_in.contiguous();
-  TORCH_CHECK(G > 0 ? x.size(0) % G == 0 : x.size(0) == 0, G, " runs do not divide the ", x.size(0), " rows of x");
-  const at::Tensor keep = feature_topk(x, G, norms, k);
-  auto [y, macs] = masked_linear(x, keep.data_ptr<bool>(), G, packed, bias, n_out, count);
+// The AMU's feature top-k and the masked linear in one call: the R rows of x (..., K) float32
+// in G runs of R/G rows (a sample's tokens, or single rows), each run keeping its k features of
+// largest mean |x| (times norms for SAPW; see feature_topk). Returns (y (..., N), keep (G, K)
+// bool, MACs).
+std::tuple<at::Tensor, at::Tensor, int64_t> select_linear(const at::Tensor& x_in, int64_t G, int64_t k,
+                                                          const c10::optional<at::Tensor>& norms,
+                                                          const at::Tensor& packed,
+                                                          const c10::optional<at::Tensor>& bias, int64_t n_out,
+                                                          bool count) {
+  const Rows rows = linear_rows(x_in, n_out);
+  TORCH_CHECK(G > 0 ? rows.R % G == 0 : rows.R == 0, G, " runs do not divide the ", rows.R, " rows of x");
+  const float* xp = rows.x.data_ptr<float>();
+  const at::Tensor keep = feature_topk(xp, rows.R, rows.K, G, norms, k);
+  auto [y, macs] = masked_linear(xp, rows.R, rows.K, keep.data_ptr<bool>(), G, packed, bias, n_out, count, rows.y_sizes);
   return {y, keep, macs};
 }
 
@@ -617,7 +686,7 @@ at::Tensor topk_mask(const at::Tensor& scores_in, int64_t k) {
   const at::Tensor scores = scores_in.contiguous();
   const int64_t U = scores.size(0), n = scores.size(1);
   TORCH_CHECK(k >= 0 && k <= n, "k must be in [0, n]");
-  at::Tensor keep = at::zeros({U, n}, scores.options().dtype(at::kBool));
+  at::Tensor keep = new_mask({U, n});
   const float* sp = scores.data_ptr<float>();
   bool* kp = keep.data_ptr<bool>();
   at::parallel_for(0, U, std::max<int64_t>(1, MIN_WORK / std::max<int64_t>(1, 8 * n)), [&](int64_t u0, int64_t u1) {
@@ -627,37 +696,42 @@ at::Tensor topk_mask(const at::Tensor& scores_in, int64_t k) {
 }
 
 // A convolution of x (B, C, H, W), any strides, in which sample b keeps the input channels
-// keep[b] (keep: (B, C) or (1, C) bool, also (B, C, 1, 1); a channel size of 1 keeps or drops
-// whole samples; if undefined, the AMU's channel top-k of k channels, see
+// keep[b] (keep: (B, C) or (1, C) bool, also (B, C, 1, 1), any strides; a channel size of 1 keeps
+// or drops whole samples; if undefined, the AMU's channel top-k of k channels, see
 // channel_topk): per sample an implicit GEMM over a zero-padded copy of the kept channels.
-// Returns y (B, N, Ho, Wo) in channels-last memory format, keep, and the MACs: the kept nonzero
-// inputs under each output position's receptive field, times N (zero when count is false).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv(
+// Returns y (B, N, Ho, Wo) in channels-last memory format, the AMU's keep (B, C) (undefined when
+// keep was given), and the MACs: the kept nonzero inputs under each output position's receptive
+// field, times N (zero when count is false).
+std::tuple<at::Tensor, at::Tensor, int64_t> channel_conv(
     const at::Tensor& x, const c10::optional<at::Tensor>& given_keep, int64_t k, const c10::optional<at::Tensor>& norms,
     const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t n_out, int64_t kh, int64_t kw, int64_t sh,
     int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, bool count) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "x: (B, C, H, W) float32");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), taps = kh * kw;
+  // Sample s keeps channel c where kp[s · keep_s0 + c · keep_s1] (strides 0 where broadcast): the
+  // given mask read in place, no reshape or copy through the dispatcher.
   at::Tensor keep;
-  if (given_keep.has_value()) {  // (B or 1, C or 1, 1, 1) or (B or 1, C or 1): per sample, channels
-    TORCH_CHECK(given_keep->dim() == 2 || (given_keep->dim() == 4 && given_keep->numel() == given_keep->size(0) *
-                                                                        given_keep->size(1)),
-                "keep: (B, C) or (B, C, 1, 1) bool");
-    keep = given_keep->reshape({given_keep->size(0), given_keep->size(1)});
-    if (keep.size(1) == 1) keep = keep.expand({keep.size(0), C});  // whole samples kept or dropped
-    keep = keep.contiguous();
+  const bool* kp;
+  int64_t keep_s0 = C, keep_s1 = 1;
+  if (given_keep.has_value()) {
+    const at::Tensor& g = *given_keep;
+    TORCH_CHECK(g.scalar_type() == at::kBool && (g.dim() == 2 || (g.dim() == 4 && g.size(2) == 1 && g.size(3) == 1)) &&
+                    (g.size(0) == 1 || g.size(0) == B) && (g.size(1) == 1 || g.size(1) == C),
+                "keep: (B, C), (1, C), (B, 1) or (B, C, 1, 1) bool");
+    kp = g.data_ptr<bool>();
+    keep_s0 = g.size(0) == 1 ? 0 : g.stride(0);
+    keep_s1 = g.size(1) == 1 ? 0 : g.stride(1);
   } else {
     keep = channel_topk(x, norms, k);
+    kp = keep.data_ptr<bool>();
   }
-  TORCH_CHECK(keep.scalar_type() == at::kBool && keep.size(1) == C && (keep.size(0) == 1 || keep.size(0) == B),
-              "keep: (B, C) or (1, C) bool");
   check_packed(packed, C * taps, n_out);
   const int64_t Np = packed.size(1);
   const float* b = bias_data(bias, n_out);
   const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
   TORCH_CHECK(Ho > 0 && Wo > 0, "the convolution has no output position");
   const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, M = Ho * Wo;
-  at::Tensor y = at::empty({B, n_out, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y = new_tensor({B, n_out, Ho, Wo}, at::kFloat, at::MemoryFormat::ChannelsLast);
   // How many (output position, tap) pairs read input row iy (col ix): the MACs of a nonzero input.
   std::vector<int64_t> cover_y(H, 0), cover_x(W, 0);
   for (int64_t o = 0; o < Ho; ++o)
@@ -668,15 +742,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv(
       if (const int64_t i = o * sw - pw + t * dw; i >= 0 && i < W) ++cover_x[i];
   const float* xp = x.data_ptr<float>();
   const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
-  const bool* kp = keep.data_ptr<bool>();
   // Sample s: its kept channels, zero-padded, then the implicit GEMM; returns its MACs. Inside a
   // parallel region (samples side by side) its own parallel loops run on the calling thread.
   auto conv_sample = [&](int64_t s, std::vector<float>& padded, std::vector<int64_t>& base,
                          std::vector<int64_t>& row) -> int64_t {
-    const bool* ks = kp + (keep.size(0) == 1 ? 0 : s * C);
+    const bool* ks = kp + s * keep_s0;
     std::vector<int64_t> kept;
     for (int64_t c = 0; c < C; ++c)
-      if (ks[c]) kept.push_back(c);
+      if (ks[c * keep_s1]) kept.push_back(c);
     const int64_t Ck = static_cast<int64_t>(kept.size());
     padded.assign(static_cast<size_t>(Ck * Hp * Wp), 0.0f);
     std::atomic<int64_t> sample_macs{0};
@@ -722,7 +795,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv(
     for (int64_t s = b0; s < b1; ++s) part += conv_sample(s, padded, base, row);
     macs += part;
   });
-  return {y, keep, at::scalar_tensor(count ? macs.load() : 0, at::kLong)};
+  return {y, keep, count ? macs.load() : 0};
+}
+
+// Two front-ends for each kernel. As torch ops (torch.ops.selact_cpu.*, for torch.compile's
+// fake tensors and torch.library.opcheck): every result a tensor, the MACs 0-dim int64. As plain
+// Python functions (pybind11), which the cpu backend calls: no dispatcher boxing the arguments,
+// the MACs None when not counted and the mask None when given, so that a call allocates its
+// output and nothing else (each allocation costs microseconds under a cold cache).
+
+at::Tensor macs_tensor(int64_t macs) { return at::scalar_tensor(macs, at::kLong); }
+
+py::object macs_or_none(int64_t macs, bool count) {
+  return count ? py::cast(macs_tensor(macs)) : py::none();
+}
+
+py::object tensor_or_none(const at::Tensor& t) { return t.defined() ? py::cast(t) : py::none(); }
+
+std::tuple<at::Tensor, at::Tensor> sparse_linear_op(const at::Tensor& x, const c10::optional<at::Tensor>& mask,
+                                                    const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+                                                    int64_t n_out, bool count) {
+  auto [y, macs] = sparse_linear(x, mask, packed, bias, n_out, count);
+  return {y, macs_tensor(macs)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_linear_op(const at::Tensor& x, int64_t G, int64_t k,
+                                                                const c10::optional<at::Tensor>& norms,
+                                                                const at::Tensor& packed,
+                                                                const c10::optional<at::Tensor>& bias, int64_t n_out,
+                                                                bool count) {
+  auto [y, keep, macs] = select_linear(x, G, k, norms, packed, bias, n_out, count);
+  return {y, keep, macs_tensor(macs)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv_op(
+    const at::Tensor& x, const c10::optional<at::Tensor>& given_keep, int64_t k, const c10::optional<at::Tensor>& norms,
+    const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t n_out, int64_t kh, int64_t kw, int64_t sh,
+    int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, bool count) {
+  auto [y, keep, macs] = channel_conv(x, given_keep, k, norms, packed, bias, n_out, kh, kw, sh, sw, ph, pw, dh, dw, count);
+  if (!keep.defined()) {  // a new (B or 1, C) mask: an op's outputs do not alias its inputs
+    const at::Tensor& g = *given_keep;
+    keep = g.reshape({g.size(0), g.size(1)}).expand({g.size(0), x.size(1)}).clone();
+  }
+  return {y, keep, macs_tensor(macs)};
 }
 
 TORCH_LIBRARY(selact_cpu, m) {
@@ -737,15 +852,30 @@ TORCH_LIBRARY(selact_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(selact_cpu, CPU, m) {
-  m.impl("sparse_linear", &sparse_linear);
-  m.impl("select_linear", &select_linear);
+  m.impl("sparse_linear", &sparse_linear_op);
+  m.impl("select_linear", &select_linear_op);
   m.impl("topk_mask", &topk_mask);
-  m.impl("channel_conv", &channel_conv);
+  m.impl("channel_conv", &channel_conv_op);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sparse_linear", &sparse_linear);
-  m.def("select_linear", &select_linear);
+  m.def("sparse_linear", [](const at::Tensor& x, const c10::optional<at::Tensor>& mask, const at::Tensor& packed,
+                            const c10::optional<at::Tensor>& bias, int64_t n_out, bool count) {
+    auto [y, macs] = sparse_linear(x, mask, packed, bias, n_out, count);
+    return py::make_tuple(y, macs_or_none(macs, count));
+  });
+  m.def("select_linear", [](const at::Tensor& x, int64_t G, int64_t k, const c10::optional<at::Tensor>& norms,
+                            const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t n_out,
+                            bool count) {
+    auto [y, keep, macs] = select_linear(x, G, k, norms, packed, bias, n_out, count);
+    return py::make_tuple(y, keep, macs_or_none(macs, count));
+  });
   m.def("topk_mask", &topk_mask);
-  m.def("channel_conv", &channel_conv);
+  m.def("channel_conv", [](const at::Tensor& x, const c10::optional<at::Tensor>& keep, int64_t k,
+                           const c10::optional<at::Tensor>& norms, const at::Tensor& packed,
+                           const c10::optional<at::Tensor>& bias, int64_t n_out, int64_t kh, int64_t kw, int64_t sh,
+                           int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, bool count) {
+    auto [y, kept, macs] = channel_conv(x, keep, k, norms, packed, bias, n_out, kh, kw, sh, sw, ph, pw, dh, dw, count);
+    return py::make_tuple(y, tensor_or_none(kept), macs_or_none(macs, count));
+  });
 }
