@@ -39,29 +39,26 @@ def call_layers() -> list[dict]:
     """One call of a 16x16 linear layer and of a 256x8x8 convolution keeping 2 channels: little
     arithmetic, so the times are the calls' own costs."""
     x, w, b = torch.randn(1, 16), torch.randn(16, 16), torch.randn(16)
-    m, packed = _kept(16, 8, 1, 16), cpu.packed_weight(w)
+    m = _kept(16, 8, 1, 16)
     linear = {
         "public op, automatic backend": lambda: mgemm.linear(x, w, b, in_mask=m, count=False),
         "public op, backend='cpu'": lambda: mgemm.linear(
             x, w, b, in_mask=m, count=False, backend="cpu"
         ),
         "cpu backend function": lambda: cpu.linear(x, w, b, in_mask=m, count=False),
-        "kernel (pybind)": lambda: cpu.KERNELS["linear"](x, m, packed, b, 16, False),
-        "kernel (torch op)": lambda: torch.ops.selact_cpu.sparse_linear(x, m, packed, b, 16, False),
+        "kernel (pybind)": lambda: cpu.KERNELS["linear"](x, m, w, b, False),
+        "kernel (torch op)": lambda: torch.ops.selact_cpu.sparse_linear(x, m, w, b, False),
     }
     xc, wc, bc = torch.randn(1, 256, 8, 8), torch.randn(256, 256, 3, 3), torch.randn(256)
-    mc, packed_c = _kept(256, 2, 1, 256, 1, 1), cpu.packed_weight(wc)
-    geometry = cpu.conv_geometry(wc.shape, 1, 1, 1)
+    mc, geometry = _kept(256, 2, 1, 256, 1, 1), cpu.conv_geometry(1, 1, 1)
     conv = {
         "public op, backend='cpu'": lambda: mgemm.conv2d(
             xc, wc, bc, 1, 1, in_mask=mc, count=False, backend="cpu"
         ),
         "cpu backend function": lambda: cpu.conv2d(xc, wc, bc, 1, 1, in_mask=mc, count=False),
-        "kernel (pybind)": lambda: cpu.KERNELS["conv2d"](
-            xc, mc, 0, None, packed_c, bc, *geometry, False
-        ),
+        "kernel (pybind)": lambda: cpu.KERNELS["conv2d"](xc, mc, 0, None, wc, bc, *geometry, False),
         "kernel (torch op)": lambda: torch.ops.selact_cpu.channel_conv(
-            xc, mc, 0, None, packed_c, bc, *geometry, False
+            xc, mc, 0, None, wc, bc, *geometry, False
         ),
     }
     rows = [{"case": "linear 1x16 -> 16", "route": k, "us": _us(f)} for k, f in linear.items()]
@@ -87,10 +84,10 @@ def conv_rates() -> list[dict]:
     rows = []
     for c, h in ((64, 32), (256, 8)):
         x, w, b = torch.randn(1, c, h, h), torch.randn(c, c, 3, 3), torch.randn(c)
-        packed, geometry = cpu.packed_weight(w), cpu.conv_geometry(w.shape, 1, 1, 1)
+        geometry = cpu.conv_geometry(1, 1, 1)
         for density in (0.25, 0.5, 1.0):
             m = _kept(c, int(c * density), 1, c, 1, 1)
-            us = _us(lambda: cpu.KERNELS["conv2d"](x, m, 0, None, packed, b, *geometry, False), 300)  # noqa: B023
+            us = _us(lambda: cpu.KERNELS["conv2d"](x, m, 0, None, w, b, *geometry, False), 300)  # noqa: B023
             macs = c * c * 9 * h * h * density
             rows.append({"case": f"conv 1x{c}x{h}x{h} k3, density {density}", "route": "kernel",
                          "us": us, "gmac_per_s": macs / us / 1e3})  # fmt: skip

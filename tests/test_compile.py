@@ -50,13 +50,12 @@ def test_cpu_kernels_are_custom_ops_with_matching_fake_implementations():
         pytest.skip("the CPU kernels could not be built")
     torch.manual_seed(0)
     x, w, b = torch.randn(2, 3, 20), torch.randn(7, 20), torch.randn(7)
-    packed = cpu.packed_weight(w)
     mask = torch.rand(2, 1, 20) < 0.5  # a mask per sample, shared by its 3 rows
     image, kernel = torch.randn(2, 5, 6, 6), torch.randn(4, 5, 3, 3)
-    geometry = cpu.conv_geometry(kernel.shape, 1, 1, 1)
+    geometry = cpu.conv_geometry(1, 1, 1)
     ops = torch.ops.selact_cpu
     checks = "test_schema", "test_faketensor"
-    torch.library.opcheck(ops.sparse_linear, (x, mask, packed, b, 7, True), test_utils=checks)
-    torch.library.opcheck(ops.select_linear, (x, 3, 4, None, packed, b, 7, True), test_utils=checks)
-    conv_args = (image, None, 2, None, cpu.packed_weight(kernel), None, *geometry, True)
+    torch.library.opcheck(ops.sparse_linear, (x, mask, w, b, True), test_utils=checks)
+    torch.library.opcheck(ops.select_linear, (x, 3, 4, None, w, b, True), test_utils=checks)
+    conv_args = (image, None, 2, None, kernel, None, *geometry, True)
     torch.library.opcheck(ops.channel_conv, conv_args, test_utils=checks)

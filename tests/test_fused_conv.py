@@ -69,7 +69,7 @@ def test_fused_route_keeps_a_top_k_and_multiplies_exactly(
     with torch.inference_mode():
         assert fused._fused_route(x)
         y_layer = fused(x)
-        geometry = cpu.conv_geometry(conv.weight.shape, stride, padding, dilation)
+        geometry = cpu.conv_geometry(stride, padding, dilation)
         y, keep, executed = cpu.select_conv2d(
             x, conv.weight, conv.bias, geometry, keep=k,
             norms=None if norms is None else norms.reshape(-1),

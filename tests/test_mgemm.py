@@ -3,9 +3,11 @@ brute-force counts (explicit loops and ``unfold``)."""
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 
 from selact import mgemm
 from selact.mgemm import BACKENDS, Backend, BackendError
+from selact.mgemm.registry import forget_plans
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 #: Per-element tolerance of a length-K dot product, scaled by sqrt(K) in ``_close``: about 4 ulps.
@@ -317,6 +320,7 @@ def fake_backend(monkeypatch):
     monkeypatch.delenv("SELACT_BACKEND", raising=False)
     monkeypatch.setattr("selact.mgemm.registry._warned", set())
     monkeypatch.setattr("selact.mgemm.registry._plans", {})
+    forget_plans()  # the cpu backend's own plans too: a signature it served goes to "fake" now
     return calls
 
 
@@ -415,6 +419,68 @@ def test_fast_backends_serve_the_cases_they_exist_for(backend, case):
     assert mgemm.why_not(backend, case()) is None
 
 
+def test_planned_cpu_calls_follow_what_their_signature_depends_on(monkeypatch):
+    """Calls of a signature the dispatcher gave the ``cpu`` backend are served by its kernels
+    without Python; whatever the choice depends on still counts: the backend asked for (argument
+    or ``SELACT_BACKEND``), gradients, the operands' shapes and dtypes, the registry."""
+    from selact.mgemm import cpu
+
+    if not cpu.available():
+        pytest.skip("the CPU kernels could not be built")
+    monkeypatch.delenv("SELACT_BACKEND", raising=False)
+    forget_plans()
+    x, w, b = torch.randn(1, 8, 6, 6), torch.randn(4, 8, 3, 3), torch.randn(4)
+    mask = torch.rand(1, 8, 1, 1) < 0.5
+    expected = mgemm.conv2d(x, w, b, 1, 1, in_mask=mask, backend="reference")[0]
+
+    def served_by_cpu(**kwargs) -> bool:  # the cpu backend's output is channels-last
+        y = mgemm.conv2d(x, w, b, 1, 1, in_mask=mask, **kwargs)[0]
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+        return y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+
+    assert served_by_cpu() and served_by_cpu()  # planned by the first call, served by the plan
+    assert cpu.PLANNED["conv2d"](x, w, b, 1, 1, 1, 1, mask, True, None) is not None
+    assert not served_by_cpu(backend="reference")
+    monkeypatch.setenv("SELACT_BACKEND", "reference")
+    assert not served_by_cpu()
+    monkeypatch.delenv("SELACT_BACKEND")
+    assert served_by_cpu()
+    with torch.enable_grad():  # the cpu backend is inference-only
+        w.requires_grad_()
+        assert mgemm.conv2d(x, w, b, 1, 1, in_mask=mask)[0].grad_fn is not None
+        w.requires_grad_(False)
+    assert cpu.PLANNED["conv2d"](x, w, b, 1, 1, 1, 1, mask, True, None) is not None
+    forget_plans()  # as when a backend is registered
+    assert cpu.PLANNED["conv2d"](x, w, b, 1, 1, 1, 1, mask, True, None) is None
+    assert served_by_cpu()
+    with pytest.raises(TypeError, match="dtype"):  # a new signature: checked again
+        mgemm.conv2d(x, w, b.double(), 1, 1, in_mask=mask)
+    # a linear layer's plan; an in-place update of its weight is seen at once
+    xl, wl, ml = torch.randn(3, 8), torch.randn(5, 8), torch.rand(3, 8) < 0.5
+    for _ in range(2):
+        y, macs = mgemm.linear(xl, wl, in_mask=ml)
+        torch.testing.assert_close(y, (xl * ml) @ wl.t(), rtol=1e-4, atol=1e-4)
+        assert int(macs) == int(((xl != 0) & ml).sum()) * 5
+        with torch.no_grad():
+            wl.mul_(-2)
+    assert cpu.PLANNED["linear"](xl, wl, None, ml, None, False, None)[1] is None  # not counted
+
+
+def test_cpu_packed_weight_is_released_with_its_weight():
+    from selact.mgemm import cpu
+
+    if not cpu.available():
+        pytest.skip("the CPU kernels could not be built")
+    w = torch.randn(40, 24)
+    mgemm.linear(torch.randn(1, 24), w, backend="cpu")  # packed by the kernel
+    packed = weakref.ref(cpu.packed_weight(w))
+    gc.collect()
+    assert packed() is not None  # held by the kernels' cache
+    del w
+    gc.collect()
+    assert packed() is None
+
+
 @pytest.mark.parametrize(("n", "k"), [(10, 7), (3072, 768), (1000, 600)])
 def test_cpu_packed_weight_layout(n, k):
     """The CPU kernels' packed weight: Wᵀ, outputs zero-padded to 16, starting on a page (on a
@@ -425,8 +491,8 @@ def test_cpu_packed_weight_layout(n, k):
     packed = cpu.packed_weight(w)
     assert packed.shape == (k, -(-n // 16) * 16)
     assert torch.equal(packed[:, :n], w.t()) and not packed[:, n:].any()
-    big = packed.numel() * 4 >= cpu.HUGE_PAGE and cpu._madvise is not None
-    assert packed.data_ptr() % (cpu.HUGE_PAGE if big else 4096) == 0
+    huge = 2 << 20
+    assert packed.data_ptr() % (huge if packed.numel() * 4 >= huge else 4096) == 0
     assert cpu.packed_weight(w) is packed
     with torch.no_grad():
         w.mul_(2)

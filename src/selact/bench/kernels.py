@@ -213,9 +213,9 @@ def _linear_routes(case: KernelCase, device: str):
         variants,
     )
     if "cpu" in routes:
-        packed = cpu.packed_weight(w.clone())  # its own copy, as every route
+        w_kernel = w.clone()  # its own copy (and packed copy), as every route
         routes["cpu_kernel"] = [
-            lambda v=v: cpu.KERNELS["linear"](v[0], v[1], packed, b, n, False)[0] for v in variants
+            lambda v=v: cpu.KERNELS["linear"](v[0], v[1], w_kernel, b, False)[0] for v in variants
         ]
     w_mask, w_gather = w.clone(), w.clone()  # every route its own weights (see w_dense)
     routes["mask_multiply"] = [lambda v=v: F.linear(v[0] * v[1], w_mask, b) for v in variants]
@@ -277,12 +277,12 @@ def _conv_routes(case: KernelCase, device: str):
         variants,
     )
     if "cpu" in routes:
-        packed = cpu.packed_weight(weight.clone())  # its own copy, as every route
-        geometry = cpu.conv_geometry(weight.shape, stride, kernel // 2, 1)
+        w_kernel = weight.clone()  # its own copy (and packed copy), as every route
+        geometry = cpu.conv_geometry(stride, kernel // 2, 1)
         routes["cpu_kernel"] = [
-            lambda v=v: cpu.KERNELS["conv2d"](v[0], v[1], 0, None, packed, bias, *geometry, False)[
-                0
-            ]
+            lambda v=v: cpu.KERNELS["conv2d"](
+                v[0], v[1], 0, None, w_kernel, bias, *geometry, False
+            )[0]
             for v in variants
         ]
     routes["mask_multiply"] = [

@@ -25,19 +25,17 @@ dispatcher falls back to the reference.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import logging
 import math
-import sys
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from selact.mgemm.registry import Backend, Case, register_backend
-from selact.mgemm.weights import derived
+from selact.mgemm.registry import PLAN_LISTENERS, Backend, Case, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -88,32 +86,35 @@ def _build() -> str | None:
         ):
             torch.library.register_fake(f"selact_cpu::{op}")(fake)
             KERNELS[name] = getattr(module, op)
+        PACKING.update(packed=module.packed, forget=module.forget_packed, impl_of=module.impl_of)
+        module.set_on_packed(_on_packed)
+        PLANS.update(plan_linear=module.plan_linear, plan_conv2d=module.plan_conv2d)
+        PLANNED.update(linear=module.planned_linear, conv2d=module.planned_conv2d)
+        PLAN_LISTENERS.append(module.forget_plans)
     except Exception as error:  # no compiler, no headers: the backend stays unavailable
         log.warning("selact: the CPU kernel could not be built (%s)", error)
         return f"its kernel could not be built ({type(error).__name__})"
     return None
 
 
-def _sparse_linear_fake(x, mask, packed, bias, n_out, count):
+def _sparse_linear_fake(x, mask, weight, bias, count):
     """Shapes of the kernel's results, so that torch.compile can trace around it."""
-    return x.new_empty(*x.shape[:-1], n_out), torch.empty((), dtype=torch.long)
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), torch.empty((), dtype=torch.long)
 
 
-def _select_linear_fake(x, groups, k, norms, packed, bias, n_out, count):
+def _select_linear_fake(x, groups, k, norms, weight, bias, count):
     keep = x.new_empty(groups, x.shape[-1], dtype=torch.bool)
-    return x.new_empty(*x.shape[:-1], n_out), keep, torch.empty((), dtype=torch.long)
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), keep, torch.empty((), dtype=torch.long)
 
 
 def _topk_mask_fake(scores, k):
     return scores.new_empty(scores.shape, dtype=torch.bool)
 
 
-def _channel_conv_fake(
-    x, keep, k, norms, packed, bias, n_out, kh, kw, sh, sw, ph, pw, dh, dw, count
-):
-    h_out, w_out = _output_size(x.shape[2:], (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+def _channel_conv_fake(x, keep, k, norms, weight, bias, sh, sw, ph, pw, dh, dw, count):
+    h_out, w_out = _output_size(x.shape[2:], weight.shape[2:], (sh, sw), (ph, pw), (dh, dw))
     y = torch.empty(
-        x.shape[0], n_out, h_out, w_out, dtype=x.dtype, device=x.device,
+        x.shape[0], weight.shape[0], h_out, w_out, dtype=x.dtype, device=x.device,
         memory_format=torch.channels_last,
     )  # fmt: skip
     samples = x.shape[0] if keep is None else keep.shape[0]
@@ -122,53 +123,34 @@ def _channel_conv_fake(
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
     """``W`` as the kernels read it: (K, Np), row ``k`` the weights that input ``k`` feeds
-    (for a convolution ``k = c·kh·kw + tap``), the N outputs zero-padded to a multiple of 16."""
-    return derived(weight, "cpu-rows", _pack)
+    (for a convolution ``k = c·kh·kw + tap``), the N outputs zero-padded to a multiple of 16; on
+    a page boundary, from 2 MB up on a huge-page one. Made once per weight by the kernels
+    themselves (a cache in C++, looked up in every kernel call) and made again when the weight
+    changes (new storage, an in-place update); released when the weight is freed."""
+    return PACKING["packed"](weight)
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    n = weight.shape[0]
-    w = weight.reshape(n, -1)
-    k, n_padded = w.shape[1], -(-n // LANES) * LANES
-    packed = _page_aligned(k * n_padded, weight.dtype).view(k, n_padded)
-    packed[:, :n] = w.t()
-    packed[:, n:] = 0
-    return packed
+def _on_packed(weight: torch.Tensor) -> None:
+    """Release a weight's packed copy with the weight (the kernels call this for each weight they
+    pack)."""
+    weakref.finalize(weight, PACKING["forget"], PACKING["impl_of"](weight))
 
 
-def _page_aligned(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised buffer starting on a page boundary (rows of whole pages are then skipped
-    without the hardware prefetcher touching a byte of them). From 2 MB up it starts on a 2-MB
-    boundary and asks Linux for transparent huge pages (``madvise``, where the kernel offers it):
-    the kept rows are read in an order no prefetcher predicts, and with 4-KB pages nearly every
-    row start missed the TLB. Measured on 2 Xeon cores, batch-1 GEMV at density 0.25, the kernel
-    alone against dense: 768 -> 3072 in 0.31 instead of 0.38 of dense's time, 4096 -> 4096 in
-    0.27 instead of 0.28; within noise in ``selact bench kernels``, where Python's dispatch and
-    the other routes' traffic weigh more."""
-    itemsize = dtype.itemsize
-    align = HUGE_PAGE if numel * itemsize >= HUGE_PAGE and _madvise is not None else 4096
-    buffer = torch.empty(numel + align // itemsize, dtype=dtype)
-    start = (-buffer.data_ptr() % align) // itemsize
-    out = buffer[start : start + numel]
-    if align == HUGE_PAGE:  # the whole huge pages inside the buffer; advice, never an error
-        length = numel * itemsize // HUGE_PAGE * HUGE_PAGE
-        _madvise(ctypes.c_void_p(out.data_ptr()), ctypes.c_size_t(length), _MADV_HUGEPAGE)
-    return out
+#: The public ops of planned call signatures, served without Python (filled by :func:`_build`):
+#: ``PLANNED[op](operands..., count, requested)`` returns the op's results for a call whose
+#: signature the dispatcher gave this backend (:func:`plan`), else None.
+PLANNED: dict[str, Callable] = {}
+PLANS: dict[str, Callable] = {}
 
 
-def _libc_madvise():
-    """libc's ``madvise`` on Linux, else None (the buffers then keep the system's pages)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
+def plan(op: str, *operands) -> None:
+    """Take over the calls of this call's signature (``Backend.plan``): ``PLANNED[op]`` serves them."""
+    PLANS["plan_" + op](*operands)
 
 
-HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14  # linux/mman.h
-_madvise = _libc_madvise()
+#: The kernels' packed-weight cache (filled by :func:`_build`): ``packed`` (weight), ``forget``
+#: (the address of a weight's TensorImpl), ``impl_of`` (weight: that address).
+PACKING: dict[str, Callable] = {}
 
 
 def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True):
@@ -176,7 +158,7 @@ def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True):
         return _eagerly(linear, x, weight, bias, in_mask=in_mask, out_mask=out_mask, count=count)
     # x of any leading dims and the mask as given: the kernel reads both in place (shapes in
     # Python cost microseconds a call under a cold cache)
-    return KERNELS["linear"](x, in_mask, packed_weight(weight), bias, weight.shape[0], count)
+    return KERNELS["linear"](x, in_mask, weight, bias, count)
 
 
 def select_linear(x, weight, bias, *, groups, keep, norms=None, count=True):
@@ -190,9 +172,7 @@ def select_linear(x, weight, bias, *, groups, keep, norms=None, count=True):
         return _eagerly(
             select_linear, x, weight, bias, groups=groups, keep=keep, norms=norms, count=count
         )
-    return KERNELS["select_linear"](
-        x, groups, keep, norms, packed_weight(weight), bias, weight.shape[0], count
-    )
+    return KERNELS["select_linear"](x, groups, keep, norms, weight, bias, count)
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -230,26 +210,14 @@ def conv2d(
     if torch.compiler.is_compiling():
         args = (x, weight, bias, stride, padding, dilation, groups)
         return _eagerly(conv2d, *args, in_mask=in_mask, count=count)
-    geometry = conv_geometry(weight.shape, stride, padding, dilation)
-    y, _, macs = KERNELS["conv2d"](
-        x, in_mask, 0, None, packed_weight(weight), bias, *geometry, count
-    )
+    geometry = conv_geometry(stride, padding, dilation)
+    y, _, macs = KERNELS["conv2d"](x, in_mask, 0, None, weight, bias, *geometry, count)
     return y, macs
 
 
-def conv_geometry(weight_shape, stride, padding, dilation) -> tuple[int, ...]:
-    """A convolution's shape as the kernel takes it: (N, kh, kw, sh, sw, ph, pw, dh, dw); looked
-    up, not rebuilt, for the settings a model calls with every time."""
-    try:
-        return _geometry(weight_shape, stride, padding, dilation)
-    except TypeError:  # settings given as lists
-        return _geometry.__wrapped__(weight_shape, stride, padding, dilation)
-
-
-@functools.lru_cache(maxsize=1024)
-def _geometry(weight_shape, stride, padding, dilation) -> tuple[int, ...]:
-    c_out, _, kh, kw = weight_shape
-    return (c_out, kh, kw, *_pair(stride), *_pair(padding), *_pair(dilation))
+def conv_geometry(stride, padding, dilation) -> tuple[int, ...]:
+    """A convolution's settings as the kernel takes them: (sh, sw, ph, pw, dh, dw)."""
+    return (*_pair(stride), *_pair(padding), *_pair(dilation))
 
 
 def select_conv2d(x, weight, bias, geometry, *, keep, norms=None, count=True):
@@ -262,7 +230,7 @@ def select_conv2d(x, weight, bias, geometry, *, keep, norms=None, count=True):
         return _eagerly(
             select_conv2d, x, weight, bias, geometry, keep=keep, norms=norms, count=count
         )
-    return KERNELS["conv2d"](x, None, keep, norms, packed_weight(weight), bias, *geometry, count)
+    return KERNELS["conv2d"](x, None, keep, norms, weight, bias, *geometry, count)
 
 
 def available() -> bool:
@@ -330,5 +298,6 @@ register_backend(
         priority=10,
         check=_check,
         differentiable=False,
+        plan=plan,
     )
 )

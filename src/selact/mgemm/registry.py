@@ -50,6 +50,9 @@ class Backend:
             than the reference, or under Triton's interpreter.
         check: optional ``Case -> reason or None`` for limits beyond device and dtype.
         differentiable: whether its results carry gradients.
+        plan: optional ``plan(op, *operands, requested)``, told the operands of each call
+            signature that the dispatcher gives this backend, so that the backend can serve later
+            calls of the signature on its own (the ``cpu`` backend: without any Python).
     """
 
     name: str
@@ -60,6 +63,7 @@ class Backend:
     auto_devices: frozenset[str] | None = None
     check: Callable[[Case], str | None] | None = None
     differentiable: bool = True
+    plan: Callable[..., None] | None = None
 
     def why_not(self, case: Case) -> str | None:
         """``None`` if this backend can serve ``case``, else the reason it cannot."""
@@ -82,11 +86,24 @@ _plans: dict[tuple, Backend] = {}
 MAX_PLANS = 4096
 
 
+#: Called by :func:`forget_plans`: backends that keep their own plans (``Backend.plan``) drop them.
+PLAN_LISTENERS: list[Callable[[], None]] = []
+
+
 def register_backend(backend: Backend) -> Backend:
     """Add ``backend`` to the registry (a backend module calls this when imported)."""
     BACKENDS.register(backend.name)(backend)
-    _plans.clear()
+    forget_plans()
     return backend
+
+
+def forget_plans() -> None:
+    """Forget every call signature's backend, here and in the backends that keep their own plans:
+    each signature is checked and given a backend again on its next call (after the registry
+    changes)."""
+    _plans.clear()
+    for forget in PLAN_LISTENERS:
+        forget()
 
 
 def planned(signature: tuple | None) -> Backend | None:

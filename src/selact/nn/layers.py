@@ -102,9 +102,7 @@ class SelectiveConv2d(SelectiveModule):
         ):
             return False
         if not self._fused_geometry:  # what depends on the layer alone, once
-            self._fused_geometry = cpu.conv_geometry(
-                self.weight.shape, self.stride, self.padding, self.dilation
-            )
+            self._fused_geometry = cpu.conv_geometry(self.stride, self.padding, self.dilation)
         return self.fused_call(x, self.weight)
 
     def _fused_forward(self, x: torch.Tensor) -> tuple:

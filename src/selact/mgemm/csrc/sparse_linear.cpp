@@ -28,6 +28,13 @@
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
+#include <sys/mman.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
 
 #include <algorithm>
 #include <array>
@@ -320,12 +327,92 @@ at::Tensor new_mask(at::IntArrayRef sizes) {
   return keep;
 }
 
-void check_packed(const at::Tensor& packed, int64_t K, int64_t n_out) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kFloat && packed.is_contiguous(),
-              "packed weight: contiguous (K, Np) float32");
-  TORCH_CHECK(packed.size(0) == K && packed.size(1) % LANES == 0 && packed.size(1) >= n_out &&
-                  packed.size(1) < n_out + LANES,
-              "packed weight ", packed.sizes(), " does not match K = ", K, ", N = ", n_out);
+// ---------------------------------------------------------------------------------------------
+// packed weights
+
+constexpr size_t HUGE_PAGE = size_t{2} << 20;
+
+// Wt (K, Np) of a float32 weight (N, ...) with K = its numel / N: row k the weights that input k
+// feeds, the N outputs zero-padded to Np, a multiple of 16. The buffer starts on a page boundary
+// (rows of whole pages are skipped without the hardware prefetcher touching a byte of them); from
+// 2 MB up on a 2-MB boundary, with transparent huge pages asked of Linux (madvise; advice, never an
+// error): the kept rows are read in an order no prefetcher predicts, and with 4-KB pages nearly
+// every row start missed the TLB (measured on 2 Xeon cores, batch-1 GEMV at density 0.25, the
+// kernel alone against dense: 768 -> 3072 in 0.31 instead of 0.38 of dense's time).
+at::Tensor pack(const at::Tensor& weight) {
+  const at::Tensor w = weight.contiguous();
+  const int64_t N = w.size(0), K = N > 0 ? w.numel() / N : 0, Np = (N + LANES - 1) / LANES * LANES;
+  const size_t bytes = static_cast<size_t>(std::max<int64_t>(K * Np, 1)) * sizeof(float);
+  const size_t align = bytes >= HUGE_PAGE ? HUGE_PAGE : 4096;
+  void* buffer = nullptr;
+  TORCH_CHECK(posix_memalign(&buffer, align, (bytes + align - 1) / align * align) == 0, "packing a weight of ",
+              bytes, " bytes: out of memory");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (align == HUGE_PAGE) madvise(buffer, bytes / HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE);
+#endif
+  at::Tensor packed = at::from_blob(buffer, {K, Np}, [](void* p) { std::free(p); }, at::TensorOptions(at::kFloat));
+  const float* src = w.data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, K, std::max<int64_t>(1, MIN_WORK / std::max<int64_t>(1, Np)), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      for (int64_t n = 0; n < N; ++n) dst[k * Np + n] = src[n * K + k];
+      for (int64_t n = N; n < Np; ++n) dst[k * Np + n] = 0.0f;
+    }
+  });
+  return packed;
+}
+
+// The packed copies, one per weight tensor, keyed by its TensorImpl. An entry is made again when
+// the weight's data pointer, version (an in-place update), sizes or dtype change, and erased when
+// the weight is freed: by forget_packed, which Python calls from a weakref.finalize registered by
+// on_packed for each new entry, else at the next packing once its weak pointer has expired (the
+// weak pointer also keeps a freed TensorImpl's address from being reused meanwhile).
+struct PackedEntry {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> owner;
+  const void* data;
+  uint32_t version;
+  std::vector<int64_t> sizes;
+  at::Tensor packed;
+};
+std::mutex packed_mutex;
+std::unordered_map<const c10::TensorImpl*, PackedEntry> packed_cache;
+PyObject* on_packed = nullptr;  // Python's hook, called with each newly packed weight (never freed)
+
+uint32_t version_of(const at::Tensor& t) {
+  return t.is_inference() ? 0 : t.unsafeGetTensorImpl()->version_counter().current_version();
+}
+
+bool packed_is_current(const PackedEntry& e, const at::Tensor& w) {
+  return !e.owner.expired() && e.data == w.data_ptr() && e.version == version_of(w) && w.sizes().equals(e.sizes);
+}
+
+// The packed copy of weight (float32 (N, K) or (N, C, kh, kw)), made on first use.
+at::Tensor packed_for(const at::Tensor& weight) {
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.device().is_cpu() && weight.dim() >= 2,
+              "weight: float32 on the CPU, (N, K) or (N, C, kh, kw)");
+  const c10::TensorImpl* key = weight.unsafeGetTensorImpl();
+  {
+    std::lock_guard<std::mutex> lock(packed_mutex);
+    if (auto it = packed_cache.find(key); it != packed_cache.end() && packed_is_current(it->second, weight))
+      return it->second.packed;
+  }
+  at::Tensor packed = pack(weight);
+  {
+    std::lock_guard<std::mutex> lock(packed_mutex);
+    for (auto it = packed_cache.begin(); it != packed_cache.end();)
+      it = it->second.owner.expired() ? packed_cache.erase(it) : std::next(it);
+    packed_cache.insert_or_assign(
+        key, PackedEntry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()),
+                         weight.data_ptr(), version_of(weight), weight.sizes().vec(), packed});
+  }
+  if (on_packed != nullptr) {
+    py::gil_scoped_acquire gil;
+    try {
+      py::reinterpret_borrow<py::object>(on_packed)(weight);
+    } catch (py::error_already_set&) {  // no finalizer: the entry goes at the next packing instead
+    }
+  }
+  return packed;
 }
 
 const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t n_out) {
@@ -525,7 +612,6 @@ namespace {
 std::pair<at::Tensor, int64_t> masked_linear(const float* xp, int64_t R, int64_t K, const bool* m, int64_t G,
                                              const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                                              int64_t n_out, bool count, at::IntArrayRef y_sizes) {
-  check_packed(packed, K, n_out);
   const int64_t Np = packed.size(1);
   const float* b = bias_data(bias, n_out);
   const float* wt = packed.data_ptr<float>();
@@ -596,11 +682,13 @@ struct Rows {
   std::vector<int64_t> y_sizes;
 };
 
-Rows linear_rows(const at::Tensor& x_in, int64_t n_out) {
+Rows linear_rows(const at::Tensor& x_in, const at::Tensor& weight) {
   TORCH_CHECK(x_in.dim() >= 1 && x_in.scalar_type() == at::kFloat, "x: (..., K) float32");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x_in.size(-1), "weight ", weight.sizes(),
+              " does not take x of ", x_in.size(-1), " features");
   Rows rows{x_in.contiguous(), 1, x_in.size(-1), std::vector<int64_t>(x_in.sizes().begin(), x_in.sizes().end())};
   for (int64_t d = 0; d + 1 < x_in.dim(); ++d) rows.R *= x_in.size(d);
-  rows.y_sizes.back() = n_out;
+  rows.y_sizes.back() = weight.size(0);
   return rows;
 }
 
@@ -646,19 +734,21 @@ std::pair<const bool*, int64_t> mask_rows(const at::Tensor& mask, at::IntArrayRe
 
 }  // namespace
 
-// y = (mask ⊙ x) Wᵀ + b for x (..., K) float32 and a bool mask broadcastable to x (see mask_rows:
-// runs of consecutive rows that share a mask row are taken together). Without a mask every input
-// is kept. Returns (y (..., N), MACs), see masked_linear.
+// y = (mask ⊙ x) Wᵀ + b for x (..., K) float32, weight (N, K) and a bool mask broadcastable to x
+// (see mask_rows: runs of consecutive rows that share a mask row are taken together). Without a
+// mask every input is kept. Returns (y (..., N), MACs), see masked_linear.
 std::pair<at::Tensor, int64_t> sparse_linear(const at::Tensor& x_in, const c10::optional<at::Tensor>& mask,
-                                             const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
-                                             int64_t n_out, bool count) {
-  const Rows rows = linear_rows(x_in, n_out);
+                                             const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                             bool count) {
+  const Rows rows = linear_rows(x_in, weight);
   const float* xp = rows.x.data_ptr<float>();
+  const at::Tensor packed = packed_for(weight);
+  const int64_t N = weight.size(0);
   if (!mask.has_value())
-    return masked_linear(xp, rows.R, rows.K, nullptr, rows.R, packed, bias, n_out, count, rows.y_sizes);
+    return masked_linear(xp, rows.R, rows.K, nullptr, rows.R, packed, bias, N, count, rows.y_sizes);
   std::vector<uint8_t> copy;
   const auto [m, G] = mask_rows(*mask, x_in.sizes(), copy);
-  return masked_linear(xp, rows.R, rows.K, m, G, packed, bias, n_out, count, rows.y_sizes);
+  return masked_linear(xp, rows.R, rows.K, m, G, packed, bias, N, count, rows.y_sizes);
 }
 
 // The AMU's feature top-k and the masked linear in one call: the R rows of x (..., K) float32
@@ -667,14 +757,14 @@ std::pair<at::Tensor, int64_t> sparse_linear(const at::Tensor& x_in, const c10::
 // bool, MACs).
 std::tuple<at::Tensor, at::Tensor, int64_t> select_linear(const at::Tensor& x_in, int64_t G, int64_t k,
                                                           const c10::optional<at::Tensor>& norms,
-                                                          const at::Tensor& packed,
-                                                          const c10::optional<at::Tensor>& bias, int64_t n_out,
-                                                          bool count) {
-  const Rows rows = linear_rows(x_in, n_out);
+                                                          const at::Tensor& weight,
+                                                          const c10::optional<at::Tensor>& bias, bool count) {
+  const Rows rows = linear_rows(x_in, weight);
   TORCH_CHECK(G > 0 ? rows.R % G == 0 : rows.R == 0, G, " runs do not divide the ", rows.R, " rows of x");
   const float* xp = rows.x.data_ptr<float>();
   const at::Tensor keep = feature_topk(xp, rows.R, rows.K, G, norms, k);
-  auto [y, macs] = masked_linear(xp, rows.R, rows.K, keep.data_ptr<bool>(), G, packed, bias, n_out, count, rows.y_sizes);
+  auto [y, macs] = masked_linear(xp, rows.R, rows.K, keep.data_ptr<bool>(), G, packed_for(weight), bias,
+                                 weight.size(0), count, rows.y_sizes);
   return {y, keep, macs};
 }
 
@@ -704,10 +794,13 @@ at::Tensor topk_mask(const at::Tensor& scores_in, int64_t k) {
 // field, times N (zero when count is false).
 std::tuple<at::Tensor, at::Tensor, int64_t> channel_conv(
     const at::Tensor& x, const c10::optional<at::Tensor>& given_keep, int64_t k, const c10::optional<at::Tensor>& norms,
-    const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t n_out, int64_t kh, int64_t kw, int64_t sh,
-    int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, bool count) {
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+    int64_t dh, int64_t dw, bool count) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "x: (B, C, H, W) float32");
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), taps = kh * kw;
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1), "weight ", weight.sizes(), " does not take x of ",
+              x.size(1), " channels (an ungrouped convolution)");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t n_out = weight.size(0), kh = weight.size(2), kw = weight.size(3), taps = kh * kw;
   // Sample s keeps channel c where kp[s · keep_s0 + c · keep_s1] (strides 0 where broadcast): the
   // given mask read in place, no reshape or copy through the dispatcher.
   at::Tensor keep;
@@ -725,7 +818,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> channel_conv(
     keep = channel_topk(x, norms, k);
     kp = keep.data_ptr<bool>();
   }
-  check_packed(packed, C * taps, n_out);
+  const at::Tensor packed = packed_for(weight);
   const int64_t Np = packed.size(1);
   const float* b = bias_data(bias, n_out);
   const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
@@ -813,26 +906,25 @@ py::object macs_or_none(int64_t macs, bool count) {
 py::object tensor_or_none(const at::Tensor& t) { return t.defined() ? py::cast(t) : py::none(); }
 
 std::tuple<at::Tensor, at::Tensor> sparse_linear_op(const at::Tensor& x, const c10::optional<at::Tensor>& mask,
-                                                    const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
-                                                    int64_t n_out, bool count) {
-  auto [y, macs] = sparse_linear(x, mask, packed, bias, n_out, count);
+                                                    const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                                    bool count) {
+  auto [y, macs] = sparse_linear(x, mask, weight, bias, count);
   return {y, macs_tensor(macs)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_linear_op(const at::Tensor& x, int64_t G, int64_t k,
                                                                 const c10::optional<at::Tensor>& norms,
-                                                                const at::Tensor& packed,
-                                                                const c10::optional<at::Tensor>& bias, int64_t n_out,
-                                                                bool count) {
-  auto [y, keep, macs] = select_linear(x, G, k, norms, packed, bias, n_out, count);
+                                                                const at::Tensor& weight,
+                                                                const c10::optional<at::Tensor>& bias, bool count) {
+  auto [y, keep, macs] = select_linear(x, G, k, norms, weight, bias, count);
   return {y, keep, macs_tensor(macs)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv_op(
     const at::Tensor& x, const c10::optional<at::Tensor>& given_keep, int64_t k, const c10::optional<at::Tensor>& norms,
-    const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t n_out, int64_t kh, int64_t kw, int64_t sh,
-    int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, bool count) {
-  auto [y, keep, macs] = channel_conv(x, given_keep, k, norms, packed, bias, n_out, kh, kw, sh, sw, ph, pw, dh, dw, count);
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+    int64_t dh, int64_t dw, bool count) {
+  auto [y, keep, macs] = channel_conv(x, given_keep, k, norms, weight, bias, sh, sw, ph, pw, dh, dw, count);
   if (!keep.defined()) {  // a new (B or 1, C) mask: an op's outputs do not alias its inputs
     const at::Tensor& g = *given_keep;
     keep = g.reshape({g.size(0), g.size(1)}).expand({g.size(0), x.size(1)}).clone();
@@ -840,15 +932,144 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv_op(
   return {y, keep, macs_tensor(macs)};
 }
 
+// ---------------------------------------------------------------------------------------------
+// planned calls: the public ops without Python
+
+// A call's signature: everything the public op's checks and choice of backend depend on
+// (selact.mgemm._signature): the op, the requested backend (else SELACT_BACKEND), the settings,
+// whether gradients are needed, and each operand's sizes, dtype and device, or its absence. The
+// Python dispatcher checks a signature's first call and, when it gives it to this backend, plans it
+// here (plan); later calls of a planned signature are served at once (serve_planned), without the
+// Python that costs 10-20 us a call when the previous layer has evicted the caches.
+using Signature = std::vector<int64_t>;
+
+struct SignatureHash {
+  size_t operator()(const Signature& s) const {
+    size_t h = s.size();
+    for (int64_t v : s) h = h * 1000003u ^ std::hash<int64_t>{}(v);
+    return h;
+  }
+};
+
+constexpr size_t MAX_PLANS = 4096;  // as selact.mgemm.registry.MAX_PLANS
+std::mutex plan_mutex;
+std::unordered_set<Signature, SignatureHash> plans;
+
+enum Op : int64_t { LINEAR = 1, CONV2D = 2 };
+
+// Appends a tensor operand (its dims, sizes, dtype, device) or None; false for anything else.
+bool add_operand(Signature& s, py::handle h) {
+  if (h.is_none()) {
+    s.push_back(-1);
+    return true;
+  }
+  if (!THPVariable_Check(h.ptr())) return false;
+  const at::Tensor& t = THPVariable_Unpack(h.ptr());
+  s.push_back(t.dim());
+  for (int64_t size : t.sizes()) s.push_back(size);
+  s.push_back(static_cast<int64_t>(t.scalar_type()));
+  s.push_back(static_cast<int64_t>(t.device().type()));
+  s.push_back(t.device().index());
+  return true;
+}
+
+// Appends the backend asked for: the argument, else SELACT_BACKEND (empty: the automatic choice).
+bool add_requested(Signature& s, py::handle requested) {
+  std::string name;
+  if (!requested.is_none()) {
+    if (!py::isinstance<py::str>(requested)) return false;
+    name = requested.cast<std::string>();
+  }
+  if (name.empty())
+    if (const char* env = std::getenv("SELACT_BACKEND")) name = env;
+  s.push_back(static_cast<int64_t>(name.size()));
+  for (char c : name) s.push_back(c);
+  return true;
+}
+
+bool requires_grad(std::initializer_list<py::handle> operands) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (py::handle h : operands)
+    if (!h.is_none() && THPVariable_Unpack(h.ptr()).requires_grad()) return true;
+  return false;
+}
+
+// A convolution setting as a pair (an int, or a sequence of two ints); false for anything else
+// (a padding string): such calls stay with the Python dispatcher.
+bool pair_of(py::handle h, int64_t (&out)[2]) {
+  if (PyLong_Check(h.ptr())) {
+    out[0] = out[1] = h.cast<int64_t>();
+    return true;
+  }
+  if (!(PyTuple_Check(h.ptr()) || PyList_Check(h.ptr())) || py::len(h) != 2) return false;
+  py::sequence seq = py::reinterpret_borrow<py::sequence>(h);
+  for (int i = 0; i < 2; ++i) {
+    if (!PyLong_Check(seq[i].ptr())) return false;
+    out[i] = seq[i].cast<int64_t>();
+  }
+  return true;
+}
+
+struct ConvSettings {
+  int64_t stride[2], padding[2], dilation[2], groups;
+};
+
+bool linear_signature(Signature& s, py::handle x, py::handle weight, py::handle bias, py::handle in_mask,
+                      py::handle out_mask, py::handle requested) {
+  s.push_back(LINEAR);
+  if (!add_requested(s, requested)) return false;
+  for (py::handle h : {x, weight, bias, in_mask, out_mask})
+    if (!add_operand(s, h)) return false;
+  if (x.is_none() || weight.is_none()) return false;
+  s.push_back(requires_grad({x, weight, bias}));
+  return true;
+}
+
+bool conv_signature(Signature& s, py::handle x, py::handle weight, py::handle bias, py::handle stride,
+                    py::handle padding, py::handle dilation, py::handle groups, py::handle in_mask,
+                    py::handle requested, ConvSettings& settings) {
+  s.push_back(CONV2D);
+  if (!add_requested(s, requested)) return false;
+  for (py::handle h : {x, weight, bias, in_mask})
+    if (!add_operand(s, h)) return false;
+  if (x.is_none() || weight.is_none() || !pair_of(stride, settings.stride) || !pair_of(padding, settings.padding) ||
+      !pair_of(dilation, settings.dilation) || !PyLong_Check(groups.ptr()))
+    return false;
+  settings.groups = groups.cast<int64_t>();
+  for (const int64_t* pair : {settings.stride, settings.padding, settings.dilation}) {
+    s.push_back(pair[0]);
+    s.push_back(pair[1]);
+  }
+  s.push_back(settings.groups);
+  s.push_back(requires_grad({x, weight, bias}));
+  return true;
+}
+
+void plan(Signature&& s) {
+  std::lock_guard<std::mutex> lock(plan_mutex);
+  if (plans.size() >= MAX_PLANS) plans.clear();
+  plans.insert(std::move(s));
+}
+
+bool is_planned(const Signature& s) {
+  std::lock_guard<std::mutex> lock(plan_mutex);
+  return plans.count(s) > 0;
+}
+
+c10::optional<at::Tensor> optional_tensor(py::handle h) {
+  if (h.is_none()) return c10::nullopt;
+  return THPVariable_Unpack(h.ptr());
+}
+
 TORCH_LIBRARY(selact_cpu, m) {
-  m.def("sparse_linear(Tensor x, Tensor? mask, Tensor packed, Tensor? bias, int n_out, bool count) -> (Tensor, Tensor)");
+  m.def("sparse_linear(Tensor x, Tensor? mask, Tensor weight, Tensor? bias, bool count) -> (Tensor, Tensor)");
   m.def(
-      "select_linear(Tensor x, int groups, int k, Tensor? norms, Tensor packed, Tensor? bias, int n_out, bool count) "
+      "select_linear(Tensor x, int groups, int k, Tensor? norms, Tensor weight, Tensor? bias, bool count) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("topk_mask(Tensor scores, int k) -> Tensor");
   m.def(
-      "channel_conv(Tensor x, Tensor? keep, int k, Tensor? norms, Tensor packed, Tensor? bias, int n_out, int kh, "
-      "int kw, int sh, int sw, int ph, int pw, int dh, int dw, bool count) -> (Tensor, Tensor, Tensor)");
+      "channel_conv(Tensor x, Tensor? keep, int k, Tensor? norms, Tensor weight, Tensor? bias, int sh, int sw, "
+      "int ph, int pw, int dh, int dw, bool count) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(selact_cpu, CPU, m) {
@@ -859,23 +1080,68 @@ TORCH_LIBRARY_IMPL(selact_cpu, CPU, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sparse_linear", [](const at::Tensor& x, const c10::optional<at::Tensor>& mask, const at::Tensor& packed,
-                            const c10::optional<at::Tensor>& bias, int64_t n_out, bool count) {
-    auto [y, macs] = sparse_linear(x, mask, packed, bias, n_out, count);
+  m.def("sparse_linear", [](const at::Tensor& x, const c10::optional<at::Tensor>& mask, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, bool count) {
+    auto [y, macs] = sparse_linear(x, mask, weight, bias, count);
     return py::make_tuple(y, macs_or_none(macs, count));
   });
   m.def("select_linear", [](const at::Tensor& x, int64_t G, int64_t k, const c10::optional<at::Tensor>& norms,
-                            const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t n_out,
-                            bool count) {
-    auto [y, keep, macs] = select_linear(x, G, k, norms, packed, bias, n_out, count);
+                            const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool count) {
+    auto [y, keep, macs] = select_linear(x, G, k, norms, weight, bias, count);
     return py::make_tuple(y, keep, macs_or_none(macs, count));
   });
   m.def("topk_mask", &topk_mask);
   m.def("channel_conv", [](const at::Tensor& x, const c10::optional<at::Tensor>& keep, int64_t k,
-                           const c10::optional<at::Tensor>& norms, const at::Tensor& packed,
-                           const c10::optional<at::Tensor>& bias, int64_t n_out, int64_t kh, int64_t kw, int64_t sh,
-                           int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, bool count) {
-    auto [y, kept, macs] = channel_conv(x, keep, k, norms, packed, bias, n_out, kh, kw, sh, sw, ph, pw, dh, dw, count);
+                           const c10::optional<at::Tensor>& norms, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                           int64_t dh, int64_t dw, bool count) {
+    auto [y, kept, macs] = channel_conv(x, keep, k, norms, weight, bias, sh, sw, ph, pw, dh, dw, count);
     return py::make_tuple(y, tensor_or_none(kept), macs_or_none(macs, count));
+  });
+  m.def("packed", &packed_for);
+  m.def("set_on_packed", [](py::function hook) { on_packed = hook.release().ptr(); });
+  m.def("forget_packed", [](uintptr_t impl) {
+    std::lock_guard<std::mutex> lock(packed_mutex);
+    packed_cache.erase(reinterpret_cast<const c10::TensorImpl*>(impl));
+  });
+  m.def("impl_of", [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.unsafeGetTensorImpl()); });
+  // the planned public ops: (results) for a planned call, None for any other
+  m.def("plan_linear", [](py::handle x, py::handle weight, py::handle bias, py::handle in_mask, py::handle out_mask,
+                          py::handle requested) {
+    Signature s;
+    if (linear_signature(s, x, weight, bias, in_mask, out_mask, requested)) plan(std::move(s));
+  });
+  m.def("planned_linear", [](py::handle x, py::handle weight, py::handle bias, py::handle in_mask,
+                             py::handle out_mask, bool count, py::handle requested) -> py::object {
+    Signature s;
+    if (!linear_signature(s, x, weight, bias, in_mask, out_mask, requested) || !out_mask.is_none() || !is_planned(s))
+      return py::none();
+    auto [y, macs] = sparse_linear(THPVariable_Unpack(x.ptr()), optional_tensor(in_mask),
+                                   THPVariable_Unpack(weight.ptr()), optional_tensor(bias), count);
+    return py::make_tuple(y, macs_or_none(macs, count));
+  });
+  m.def("plan_conv2d", [](py::handle x, py::handle weight, py::handle bias, py::handle stride, py::handle padding,
+                          py::handle dilation, py::handle groups, py::handle in_mask, py::handle requested) {
+    Signature s;
+    ConvSettings c;
+    if (conv_signature(s, x, weight, bias, stride, padding, dilation, groups, in_mask, requested, c))
+      plan(std::move(s));
+  });
+  m.def("planned_conv2d", [](py::handle x, py::handle weight, py::handle bias, py::handle stride, py::handle padding,
+                             py::handle dilation, py::handle groups, py::handle in_mask, bool count,
+                             py::handle requested) -> py::object {
+    Signature s;
+    ConvSettings c;
+    if (!conv_signature(s, x, weight, bias, stride, padding, dilation, groups, in_mask, requested, c) ||
+        c.groups != 1 || !is_planned(s))
+      return py::none();
+    auto [y, kept, macs] = channel_conv(THPVariable_Unpack(x.ptr()), optional_tensor(in_mask), 0, c10::nullopt,
+                                        THPVariable_Unpack(weight.ptr()), optional_tensor(bias), c.stride[0],
+                                        c.stride[1], c.padding[0], c.padding[1], c.dilation[0], c.dilation[1], count);
+    return py::make_tuple(y, macs_or_none(macs, count));
+  });
+  m.def("forget_plans", [] {
+    std::lock_guard<std::mutex> lock(plan_mutex);
+    plans.clear();
   });
 }
