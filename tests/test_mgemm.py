@@ -465,6 +465,11 @@ def test_planned_cpu_calls_follow_what_their_signature_depends_on(monkeypatch):
             wl.mul_(-2)
     assert cpu.PLANNED["linear"](xl, wl, None, ml, None, False, None)[1] is None  # not counted
 
+    class Tagged(torch.Tensor):  # a tensor subclass may mean something else: Python decides
+        pass
+
+    assert cpu.PLANNED["linear"](xl.as_subclass(Tagged), wl, None, ml, None, False, None) is None
+
 
 def test_cpu_packed_weight_is_released_with_its_weight():
     from selact.mgemm import cpu
