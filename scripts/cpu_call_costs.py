@@ -1,9 +1,10 @@
 """Where a CPU selective layer's time goes, warm (in a loop, caches hot): the public MGEMM op,
-the CPU backend's function, its kernel called directly and through PyTorch's dispatcher; the fused
+the CPU backend's function, its kernel called directly and through PyTorch's dispatcher; cold
+(right after another layer): the pieces of a call that does almost no arithmetic; the fused
 Linear route on the ViT's layer shapes against dense; the convolution kernel's MAC rate; the
-AMU's top-k against torch.topk, alone and in a mask-aware training step. The cold
-side of the same question (each call after other layers' data) is the ``cpu`` / ``cpu_kernel``
-pair of ``selact bench kernels``. Writes a JSON list of rows and prints a Markdown table.
+AMU's top-k against torch.topk, alone and in a mask-aware training step. Cold calls of real
+layer sizes are the ``cpu`` / ``cpu_kernel`` pair of ``selact bench kernels``. Writes a JSON list
+of rows and prints a Markdown table.
 
 Usage (from the repository root, machine otherwise idle):
   python scripts/cpu_call_costs.py --out results/bench/cpu-call-costs.json
@@ -13,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
+import statistics
+import time
 import timeit
 
 import torch
@@ -64,6 +68,44 @@ def call_layers() -> list[dict]:
     rows = [{"case": "linear 1x16 -> 16", "route": k, "us": _us(f)} for k, f in linear.items()]
     rows += [{"case": "conv 1x256x8x8, 2 kept", "route": k, "us": _us(f)} for k, f in conv.items()]
     return rows
+
+
+def cold_calls(reps: int = 400) -> list[dict]:
+    """Calls of a 768 -> 3072 layer keeping one input (so nearly all of it is the call's own
+    cost) and their pieces, each right after a dense 768 -> 3072 layer on other weights has
+    evicted the caches, as in a model: medians of ``reps`` calls, the pieces in shuffled turns."""
+    k, n = 768, 3072
+    w, b = torch.randn(n, k), torch.randn(n)
+    evict = [torch.randn(n, k) for _ in range(3)]
+    xs = [torch.randn(1, k) for _ in range(8)]
+    masks = [_kept(k, 1, 1, k)[:, torch.randperm(k)] for _ in range(8)]
+    mgemm.linear(xs[0], w, b, in_mask=masks[0], count=False, backend="cpu")  # planned, packed
+    planned, kernel = cpu.PLANNED["linear"], cpu.KERNELS["linear"]
+    pieces = {
+        "public op (planned call)": lambda i: mgemm.linear(
+            xs[i], w, b, in_mask=masks[i], count=False, backend="cpu"
+        ),
+        "planned call, its C++ alone": lambda i: planned(xs[i], w, b, masks[i], None, False, "cpu"),
+        "kernel (pybind)": lambda i: kernel(xs[i], masks[i], w, b, False),
+        "a signature not planned (the lookup alone)": lambda i: planned(
+            xs[i], w, b, masks[i], None, False, "reference"
+        ),
+        "torch.compiler.is_compiling()": lambda i: torch.compiler.is_compiling(),
+        "torch.compiler.is_dynamo_compiling()": lambda i: torch.compiler.is_dynamo_compiling(),
+        "torch.empty(3072)": lambda i: torch.empty(n),
+        "an empty Python call": lambda i: None,
+    }
+    times: dict[str, list[float]] = {name: [] for name in pieces}
+    order, shuffle = list(pieces), random.Random(0).shuffle
+    for r in range(reps):
+        shuffle(order)
+        for name in order:
+            F.linear(xs[r % 8], evict[r % 3], b)
+            start = time.perf_counter()
+            pieces[name](r % 8)
+            times[name].append(1e6 * (time.perf_counter() - start))
+    return [{"case": "linear 1x768 -> 3072, 1 kept, cold", "route": name,
+             "us": statistics.median(values)} for name, values in times.items()]  # fmt: skip
 
 
 def vit_layers(density: float = 0.35) -> list[dict]:
@@ -147,7 +189,9 @@ def main() -> None:
     if not cpu.available():
         raise SystemExit("the CPU kernels could not be built here")
     info = context()
-    parts = (*call_layers(), *vit_layers(), *conv_rates(), *top_k(), *training_step())
+    parts = (
+        *call_layers(), *cold_calls(), *vit_layers(), *conv_rates(), *top_k(), *training_step()
+    )  # fmt: skip
     rows = [{**r, **info} for r in parts]
     print(f"{info['machine']}, {torch.get_num_threads()} threads, commit {info['commit']}\n")
     print("| case | route | µs | note |\n|---|---|---|---|")
