@@ -1,10 +1,10 @@
 """The ``cpu`` backend: masked linear layers and convolutions that read only what the mask keeps.
 
 Compiled kernels (csrc/sparse_linear.cpp, AVX-512 where the CPU has it) read the weights from a
-copy packed once per layer (and again when the weight changes): one contiguous row per input, so
-a dropped input costs no memory traffic at all. float32, inference:
+copy they pack once per layer (and again when the weight changes; :func:`packed_weight`): one
+contiguous row per input, so a dropped input costs no memory traffic at all. float32, inference:
 
-- linear: per-row masks (up to :data:`MAX_ROWS` rows) as a split-K GEMV per row, more rows as
+- linear: per-row masks (up to :data:`MAX_ROWS` rows) as a GEMV per row, more rows as
   one dense GEMM of the masked rows (MKL; no time saved on the product); a mask shared
   by runs of rows (a batch-shared mask, or a token sequence's per-sample mask; up to
   :data:`MAX_ROWS` runs, or any number of runs of :data:`MAX_ROWS` rows or more) as one GEMM
@@ -13,10 +13,13 @@ a dropped input costs no memory traffic at all. float32, inference:
   over a zero-padded copy of the kept channels, any size, stride, padding and dilation; the
   samples of a batch side by side, one thread each. Its output is in channels-last memory format.
 
-Under ``torch.compile`` the backend's entry points run eagerly, one graph break each: the packed
-weight comes from a cache keyed by the weight's storage and version, which the compiler cannot
-trace, and traced, the entry points broke the graph several times per layer (measured: ResNet-20
-selective at batch 1, compiled, 2.7 ms against 1.0 ms eager; 1.9 ms with one break per layer).
+The public ops' call signatures that the dispatcher gives this backend are planned in the
+kernels (:func:`plan`), which then serve later calls of them without Python (:data:`PLANNED`).
+
+Under ``torch.compile`` the backend's entry points run eagerly, one graph break each: the kernels
+and their packed-weight cache cannot be traced, and traced, the entry points broke the graph
+several times per layer (measured: ResNet-20 selective at batch 1, compiled, 2.7 ms against
+1.0 ms eager; 1.9 ms with one break per layer).
 
 The kernels are compiled with the machine's C++ compiler on first use (about 30 s, cached by
 PyTorch in ``TORCH_EXTENSIONS_DIR``); without a compiler the backend declines every case and the

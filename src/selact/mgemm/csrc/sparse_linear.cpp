@@ -1,15 +1,16 @@
 // selact CPU kernels: masked linear layers and channel-masked convolutions that read only the
 // weight rows the mask keeps.
 //
-// Weights are packed once per layer as Wt = (K, Np): row k holds the weights that input k feeds,
-// N outputs padded with zeros to Np, a multiple of 16 (for a convolution, k = c·kh·kw + tap).
+// Weights are packed once per layer as Wt = (K, Np) (packed_for, a cache keyed by the weight):
+// row k holds the weights that input k feeds, N outputs padded with zeros to Np, a multiple of 16
+// (for a convolution, k = c·kh·kw + tap).
 // A kept input costs one contiguous row; a dropped one costs nothing, not even a cache line
 // fetched by the hardware prefetcher, which stops at the ends of the rows it streams through.
 //
 // Two product kernels:
-//  - gemv: one row of x (batch 1, or per-row masks): y = Σ_j x[k_j] Wt[k_j]. The kept rows are
-//    split between the threads (split-K), each accumulating all N outputs in L1, then summed.
-//    Memory-bound: it streams the kept rows, 8 at a time, and prefetches the next 8.
+//  - gemv: one row of x (batch 1, or per-row masks): y = Σ_j x[k_j] Wt[k_j]. The outputs are
+//    split between the threads, each accumulating its slice of y in L1. Memory-bound: it streams
+//    the kept rows, 8 at a time, and prefetches the next 8.
 //  - indexed_gemm: M rows that share one list of kept inputs (a batch-shared mask, or the output
 //    positions of a convolution whose sample keeps the same channels everywhere):
 //    C[m] = Σ_j A(m, j) Wt[k_j] with A(m, j) = src[offset(m) + base[j]], so a convolution is an
@@ -20,7 +21,9 @@
 // masks go through one dense GEMM of the masked rows instead. The AMU's top-k (keep_top_k) is a
 // radix select. The ops are registered twice: as torch ops (torch.ops.selact_cpu.*, with fake
 // implementations in Python for code that calls them under torch.compile) and as plain Python
-// functions, which the cpu backend calls (no dispatcher boxing every argument).
+// functions, which the cpu backend calls (no dispatcher boxing every argument). The public ops'
+// call signatures that the Python dispatcher gives the cpu backend are planned here and served
+// without Python afterwards (planned_linear, planned_conv2d).
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
