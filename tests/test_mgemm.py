@@ -336,6 +336,9 @@ def test_dispatch_prefers_fast_backend_and_falls_back_with_one_warning(fake_back
         mgemm.linear(x.half(), w.half())  # warned once only
         with torch.enable_grad():  # an inference-only backend is skipped when grads are needed
             mgemm.linear(x, w.requires_grad_())
+            # training is the reference's job: no warning where a fast backend declines it
+            x4, w4 = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3, requires_grad=True)
+            mgemm.conv2d(x4, w4, in_mask=torch.rand(1, 2, 4, 4) < 0.5)
     assert fake_backend == ["fake"]
 
 

@@ -146,7 +146,7 @@ def _choose_automatically(case: Case) -> Backend:
         (BACKENDS[n] for n in BACKENDS if n != "reference"),
         key=lambda b: -b.priority,
     )
-    # Training on an inference-only backend's device is normal: the reference serves it silently.
+    # Training on an inference-only backend's device is normal: the reference serves it.
     candidates = [
         b
         for b in candidates
@@ -161,7 +161,8 @@ def _choose_automatically(case: Case) -> Backend:
             return backend
         reasons.append(f"{backend.name}: {reason}")
     key = (case.op, case.device, case.dtype)
-    if reasons and key not in _warned:
+    # Training is the reference backend's job (fast backends may be inference-only): no warning.
+    if reasons and not case.needs_grad and key not in _warned:
         _warned.add(key)
         warnings.warn(
             f"selact: no fast backend serves {case.op} on {case.device} {case.dtype} "
