@@ -70,7 +70,7 @@ def main() -> None:
                     "zero_skip_fraction": layer.zero_skip_fraction,
                     "executed_fraction": layer.executed_fraction,
                     "executed_mac_share": layer.executed_macs / total,
-                    "weight_norm_spread": _norm_spread(getattr(modules[name], "weight", None)),
+                    "weight_norm_spread": _norm_spread(_weight_of(modules, name)),
                     "val_top1": val["top1"],
                     "val_executed_fraction": stats.total.executed_fraction,
                     "target": args.target,
@@ -100,6 +100,16 @@ def main() -> None:
         )
         print(f"| {name} | {first['dense_mac_share']:.3f} | {first['zero_skip_fraction']:.3f} | "
               f"{_fmt(first['weight_norm_spread'], '–', 1)} | {cells} |")  # fmt: skip
+
+
+def _weight_of(modules: dict[str, torch.nn.Module], name: str) -> torch.Tensor | None:
+    """The weight a selective layer multiplies: its own, or for attention's in-projection (which
+    is handed the weight at call time) the parent's ``in_proj_weight``."""
+    weight = getattr(modules[name], "weight", None)
+    parent, _, child = name.rpartition(".")
+    if weight is None and child == "in_proj" and parent in modules:
+        weight = getattr(modules[parent], "in_proj_weight", None)
+    return weight
 
 
 def _norm_spread(weight: torch.Tensor | None) -> float | None:
