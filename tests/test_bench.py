@@ -40,12 +40,18 @@ def test_quick_cli_writes_only_where_asked(tmp_path, monkeypatch):
     result = runner.invoke(app, ["bench", "kernels", "--quick", "--reps", "3"])
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "results").exists()
-    result = runner.invoke(app, ["bench", "model", "--quick", "--reps", "3", "--out", "runs"])
+    args = ["bench", "model", "--quick", "--reps", "3", "--compile", "--out", "runs"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     written = sorted(p.suffix for p in (tmp_path / "runs").iterdir())
     assert written == [".json", ".md", ".png"]
     rows = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
-    assert {r["backend"] for r in rows} == {"dense", "selective"}
+    by_route = {r["backend"]: r for r in rows}
+    assert set(by_route) == {"dense", "selective", "dense, compiled", "selective, compiled"}
+    compiled = by_route["selective, compiled"]  # against the compiled dense model
+    assert compiled["ratio_to_dense"] == pytest.approx(
+        compiled["median_ms"] / by_route["dense, compiled"]["median_ms"]
+    )
     assert all({"machine", "versions", "commit", "date"} <= set(r) for r in rows)
     result = runner.invoke(app, ["bench", "kernels", "--quick", "--out", "results/bench"])
     assert result.exit_code != 0 and "never go to results" in result.output

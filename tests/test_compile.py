@@ -41,6 +41,33 @@ def test_torch_compile_matches_eager():
         torch.testing.assert_close(compiled(torch.randn(1, 3, 8, 8) * 0 + x), expected)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("strategy", "linear_granularity"), [("sapi", "element"), ("sapw", "channel")]
+)
+def test_fused_cpu_routes_compile_into_one_graph(strategy, linear_granularity):
+    """The CPU kernels' fused routes (top-k and product in one call) trace as torch ops: the
+    whole selective model is one graph (``fullgraph=True`` raises on any break) and gives the
+    eager outputs."""
+    from selact.mgemm import cpu
+
+    if not cpu.available():
+        pytest.skip("the CPU kernels could not be built")
+    torch.manual_seed(0)
+    dense = _model()
+    linears = {n: {"granularity": linear_granularity} for n, m in dense.named_modules()
+               if isinstance(m, nn.Linear)}  # fmt: skip
+    model = selact.sparsify(
+        dense, strategy=strategy, density=0.4, granularity="channel", overrides=linears,
+        counting=False, check_finite=False,
+    )  # fmt: skip
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.inference_mode():
+        for batch in (1, 1, 3):  # the second call reuses the graph
+            x = torch.randn(batch, 3, 8, 8)
+            torch.testing.assert_close(compiled(x), model(x))
+
+
 def test_cpu_kernels_are_custom_ops_with_matching_fake_implementations():
     """``torch.ops.selact_cpu.*``: schemas and fake implementations (what torch.compile traces)
     agree with the kernels on shapes, dtypes and memory formats."""

@@ -56,7 +56,6 @@ def topk_keep(pooled: torch.Tensor, density: float) -> torch.Tensor:
         pooled.dtype == torch.float32
         and pooled.device.type == "cpu"
         and pooled.dim() == 2
-        and not torch.compiler.is_compiling()
         and cpu.available()
     ):  # the compiled CPU kernel (ties to the lower index): torch.topk is slow on the CPU
         return cpu.topk_mask(pooled, k)

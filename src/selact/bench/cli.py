@@ -58,6 +58,13 @@ def model_command(
             "channel (per sample: one feature mask for all of a sample's tokens)."
         ),
     ] = "element",
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Also time both models through torch.compile (Inductor, frozen weights).",
+        ),
+    ] = False,
     quick: Quick = False,
     reps: Reps = None,
     out: Out = None,
@@ -67,7 +74,9 @@ def model_command(
     batches = batch or ([1] if quick else [1, 32])
     counts = threads or ([1] if quick else [1, 2])
     reps = reps or (10 if quick else 100)
-    rows = list(models.run(names, batches, counts, density, reps, linear_granularity))
+    rows = list(
+        models.run(names, batches, counts, density, reps, linear_granularity, compile=compile)
+    )
     _finish(rows, "model", quick, out)
 
 

@@ -4,7 +4,10 @@ The selective copy uses SAPI with channel masks on the convolutions (what the ``
 fused route turns into time) and element masks on Linear layers (or per-sample ``channel`` masks,
 which the ``cpu`` backend runs as one GEMM per sample on token sequences), top-k budget, counting
 and finiteness checks off; its time includes the AMU's own work (scores, top-k, masks). Latency is the median of
-interleaved calls under ``torch.inference_mode``.
+interleaved calls under ``torch.inference_mode``. With ``compile``, both models also run
+through ``torch.compile`` (Inductor, weights frozen into constants: ``freezing``, as for
+deployment; compiled afresh for each batch size and thread count), their ratio taken to the
+compiled dense model.
 """
 
 from __future__ import annotations
@@ -59,17 +62,28 @@ def run(
     reps: int,
     linear_granularity: str = "element",
     seed: int = 0,
+    compile: bool = False,
 ) -> Iterator[dict]:
-    """One row per (model, batch, threads, route) with route ``dense`` or ``selective``; the
-    selective rows' granularity reads ``channel`` (convolutions) ``/`` the Linear layers' one."""
+    """One row per (model, batch, threads, route) with route ``dense`` or ``selective`` (and
+    ``dense, compiled`` and ``selective, compiled`` with ``compile``); the selective rows'
+    granularity reads ``channel`` (convolutions) ``/`` the Linear layers' one."""
     initial_threads = torch.get_num_threads()
     try:
-        yield from _run(names, batches, threads, density, reps, linear_granularity, seed)
+        yield from _run(names, batches, threads, density, reps, linear_granularity, seed, compile)
     finally:
         torch.set_num_threads(initial_threads)
 
 
-def _run(names, batches, threads, density, reps, linear_granularity, seed):
+def _compiled(model: nn.Module, inputs: list[torch.Tensor]) -> nn.Module:
+    """``model`` through torch.compile with frozen weights, compiled now (on ``inputs``)."""
+    compiled = torch.compile(model, dynamic=False)
+    with torch._inductor.config.patch(freezing=True), torch.inference_mode():
+        for x in inputs:
+            compiled(x)
+    return compiled
+
+
+def _run(names, batches, threads, density, reps, linear_granularity, seed, compile):
     for name in names:
         torch.manual_seed(seed)
         dense = create_model(name, num_classes=10).eval()
@@ -83,26 +97,31 @@ def _run(names, batches, threads, density, reps, linear_granularity, seed):
             selact.reset_stats(counted)
             for count in threads:
                 torch.set_num_threads(count)
+                models = {"dense": dense, "selective": selective}
+                if compile:  # afresh: Inductor's code is fixed to the thread count
+                    torch._dynamo.reset()
+                    models["dense, compiled"] = _compiled(dense, inputs)
+                    models["selective, compiled"] = _compiled(selective, inputs)
                 with torch.inference_mode():
                     times = median_ms(
-                        {
-                            "dense": [lambda x=x, m=dense: m(x) for x in inputs],
-                            "selective": [lambda x=x, m=selective: m(x) for x in inputs],
-                        },
+                        {r: [lambda x=x, m=m: m(x) for x in inputs] for r, m in models.items()},
                         reps,
                     )
                 for route, ms in times.items():
+                    baseline = times["dense, compiled" if "compiled" in route else "dense"]
                     yield {
                         "op": name,
                         "shape": f"{batch}x{'x'.join(map(str, INPUTS[name]))}",
                         "dtype": "float32",
-                        "granularity": f"channel/{linear_granularity}" if route != "dense" else "-",
-                        "density": density if route != "dense" else 1.0,
+                        "granularity": "-"
+                        if route.startswith("dense")
+                        else f"channel/{linear_granularity}",
+                        "density": 1.0 if route.startswith("dense") else density,
                         "backend": route,
                         "batch": batch,
                         "threads": count,
                         "median_ms": ms,
-                        "ratio_to_dense": ms / times["dense"],
-                        "ratio_to_ideal": ms / (density * times["dense"]),
-                        "executed_mac_fraction": executed if route != "dense" else 1.0,
+                        "ratio_to_dense": ms / baseline,
+                        "ratio_to_ideal": ms / (density * baseline),
+                        "executed_mac_fraction": 1.0 if route.startswith("dense") else executed,
                     }

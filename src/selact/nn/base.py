@@ -289,6 +289,9 @@ class SelectiveModule(Converted, nn.Module):
         return self.threshold
 
     def _input_norms(self, weight: torch.Tensor, layout: str, groups: int) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # traced (the cache key is not): computed in the
+            # graph, a constant where Inductor freezes the weights (torch._inductor.config.freezing)
+            return amu.input_norms(weight, layout, groups)
         # Recomputed only when the weight changes (a new tensor, or an in-place update).
         key = (weight.data_ptr(), weight._version, weight.device, weight.dtype, weight.shape)
         if key != self._norms_key:
