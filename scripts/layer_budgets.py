@@ -22,7 +22,7 @@ import torch
 import selact
 from selact._files import atomic_write_text
 from selact._provenance import commit
-from selact.amu import apply_densities, budget_search
+from selact.amu import apply_densities, budget_search, input_norms
 from selact.experiments.recipes import recipe
 from selact.experiments.sweep import calibration_batches, converted_copy
 from selact.models import create_model
@@ -113,12 +113,11 @@ def _weight_of(modules: dict[str, torch.nn.Module], name: str) -> torch.Tensor |
 
 
 def _norm_spread(weight: torch.Tensor | None) -> float | None:
-    """Max / min over the inputs of the norm of the weights each input feeds (dim 1 of a Linear
-    or Conv2d weight); None for layers without such a weight (attention's products)."""
-    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+    """Max / min over the inputs of SAPW's weight norms (:func:`selact.amu.input_norms`); None
+    for layers without such a weight (attention's products)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4):
         return None
-    dims = [d for d in range(weight.dim()) if d != 1]
-    norms = weight.detach().float().pow(2).sum(dim=dims).sqrt()
+    norms = input_norms(weight, "linear" if weight.dim() == 2 else "conv")
     return float(norms.max() / norms.min().clamp_min(1e-12))
 
 

@@ -40,7 +40,8 @@ def test_quick_cli_writes_only_where_asked(tmp_path, monkeypatch):
     result = runner.invoke(app, ["bench", "kernels", "--quick", "--reps", "3"])
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "results").exists()
-    args = ["bench", "model", "--quick", "--reps", "3", "--compile", "--out", "runs"]
+    args = ["bench", "model", "--quick", "--reps", "3", "--compile", "--strategy", "sapw"]
+    args += ["--out", "runs"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     written = sorted(p.suffix for p in (tmp_path / "runs").iterdir())
@@ -48,6 +49,7 @@ def test_quick_cli_writes_only_where_asked(tmp_path, monkeypatch):
     rows = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
     by_route = {r["backend"]: r for r in rows}
     assert set(by_route) == {"dense", "selective", "dense, compiled", "selective, compiled"}
+    assert by_route["selective"]["strategy"] == "sapw"
     compiled = by_route["selective, compiled"]  # against the compiled dense model
     assert compiled["ratio_to_dense"] == pytest.approx(
         compiled["median_ms"] / by_route["dense, compiled"]["median_ms"]

@@ -50,7 +50,7 @@ def model_command(
     name: Annotated[list[str] | None, typer.Option("--model", help="Models (repeatable).")] = None,
     batch: Annotated[list[int] | None, typer.Option(help="Batch sizes (repeatable).")] = None,
     threads: Annotated[list[int] | None, typer.Option(help="Thread counts (repeatable).")] = None,
-    density: Annotated[float, typer.Option(help="SAPI density of the selective copy.")] = 0.35,
+    density: Annotated[float, typer.Option(help="Density of the selective copy.")] = 0.35,
     linear_granularity: Annotated[
         str,
         typer.Option(
@@ -58,6 +58,9 @@ def model_command(
             "channel (per sample: one feature mask for all of a sample's tokens)."
         ),
     ] = "element",
+    strategy: Annotated[
+        str, typer.Option(help="AMU strategy of the selective copy: sapi or sapw.")
+    ] = "sapi",
     compile: Annotated[
         bool,
         typer.Option(
@@ -75,7 +78,16 @@ def model_command(
     counts = threads or ([1] if quick else [1, 2])
     reps = reps or (10 if quick else 100)
     rows = list(
-        models.run(names, batches, counts, density, reps, linear_granularity, compile=compile)
+        models.run(
+            names,
+            batches,
+            counts,
+            density,
+            reps,
+            linear_granularity=linear_granularity,
+            strategy=strategy,
+            compile=compile,
+        )  # fmt: skip
     )
     _finish(rows, "model", quick, out)
 

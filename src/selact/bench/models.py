@@ -1,6 +1,6 @@
 """Model benchmarks: latency of a dense model and of its selective copy at the same weights.
 
-The selective copy uses SAPI with channel masks on the convolutions (what the ``cpu`` backend's
+The selective copy uses SAPI (or SAPW) with channel masks on the convolutions (what the ``cpu`` backend's
 fused route turns into time) and element masks on Linear layers (or per-sample ``channel`` masks,
 which the ``cpu`` backend runs as one GEMM per sample on token sequences), top-k budget, counting
 and finiteness checks off; its time includes the AMU's own work (scores, top-k, masks). Latency is the median of
@@ -34,10 +34,14 @@ INPUTS = {
 
 
 def selective_copy(
-    model: nn.Module, density: float, counting: bool = False, linear_granularity: str = "element"
+    model: nn.Module,
+    density: float,
+    counting: bool = False,
+    linear_granularity: str = "element",
+    strategy: str = "sapi",
 ) -> nn.Module:
-    """SAPI at ``density``: channel masks on convolutions, ``linear_granularity`` masks on Linear
-    layers."""
+    """``strategy`` at ``density``: channel masks on convolutions, ``linear_granularity`` masks on
+    Linear layers."""
     linears = {
         n: {"granularity": linear_granularity}
         for n, m in model.named_modules()
@@ -45,7 +49,7 @@ def selective_copy(
     }
     return selact.sparsify(
         copy.deepcopy(model),
-        strategy="sapi",
+        strategy=strategy,
         density=density,
         granularity="channel",
         overrides=linears,
@@ -60,7 +64,9 @@ def run(
     threads: list[int],
     density: float,
     reps: int,
+    *,
     linear_granularity: str = "element",
+    strategy: str = "sapi",
     seed: int = 0,
     compile: bool = False,
 ) -> Iterator[dict]:
@@ -69,7 +75,8 @@ def run(
     granularity reads ``channel`` (convolutions) ``/`` the Linear layers' one."""
     initial_threads = torch.get_num_threads()
     try:
-        yield from _run(names, batches, threads, density, reps, linear_granularity, seed, compile)
+        options = {"linear_granularity": linear_granularity, "strategy": strategy}
+        yield from _run(names, batches, threads, density, reps, options, seed, compile)
     finally:
         torch.set_num_threads(initial_threads)
 
@@ -83,12 +90,12 @@ def _compiled(model: nn.Module, inputs: list[torch.Tensor]) -> nn.Module:
     return compiled
 
 
-def _run(names, batches, threads, density, reps, linear_granularity, seed, compile):
+def _run(names, batches, threads, density, reps, options, seed, compile):
     for name in names:
         torch.manual_seed(seed)
         dense = create_model(name, num_classes=10).eval()
-        selective = selective_copy(dense, density, linear_granularity=linear_granularity)
-        counted = selective_copy(dense, density, True, linear_granularity)
+        selective = selective_copy(dense, density, **options)
+        counted = selective_copy(dense, density, True, **options)
         for batch in batches:
             inputs = [torch.randn(batch, *INPUTS[name]) for _ in range(4)]
             with torch.inference_mode():
@@ -115,7 +122,8 @@ def _run(names, batches, threads, density, reps, linear_granularity, seed, compi
                         "dtype": "float32",
                         "granularity": "-"
                         if route.startswith("dense")
-                        else f"channel/{linear_granularity}",
+                        else f"channel/{options['linear_granularity']}",
+                        "strategy": "-" if route.startswith("dense") else options["strategy"],
                         "density": 1.0 if route.startswith("dense") else density,
                         "backend": route,
                         "batch": batch,
