@@ -19,8 +19,8 @@ kernels (:func:`plan`), which then serve later calls of them without Python (:da
 Under ``torch.compile`` the entry points call the kernels as the torch ops
 ``torch.ops.selact_cpu.*``, whose fake implementations give Dynamo the results' shapes: a
 selective model on the fused routes traces into one graph, and Inductor fuses what lies between
-the kernels (measured: ResNet-20 selective at density 0.35, batch 1, 2 threads: 0.66 ms
-compiled, 0.96 ms eager, dense 0.99 ms compiled; run as graph breaks, 1.6 ms).
+the kernels (ResNet-20 at density 0.35, batch 1, 2 threads: 0.78 ms compiled with frozen
+weights, 1.19 ms eager, 1.27 ms for the compiled dense model; docs/kernels.md).
 
 The kernels are compiled with the machine's C++ compiler on first use (about 30 s, cached by
 PyTorch in ``TORCH_EXTENSIONS_DIR``); without a compiler the backend declines every case and the
