@@ -24,8 +24,10 @@ def test_quick_kernel_bench_times_every_route(tmp_path):
         ("linear", "mask_multiply"),
         ("linear", "gather"),
         ("linear", "cpu_kernel"),  # the kernel alone, checked against the reference like all
+        ("linear", "dense_kept"),  # dense PyTorch on a layer of the kept size
     } <= routes
     assert {("conv2d", "dense"), ("conv2d", "gather"), ("conv2d", "mask_multiply")} <= routes
+    assert ("conv2d", "dense_kept") in routes
     assert {("conv2d", "cpu"), ("conv2d", "cpu_kernel")} <= routes
     for row in rows:
         assert row["median_ms"] > 0

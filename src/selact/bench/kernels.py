@@ -1,13 +1,16 @@
 """Kernel benchmarks: each MGEMM op against dense PyTorch and the naive routes, on real shapes.
 
 For every case (op, shape, dtype, granularity, density) it times dense PyTorch, every backend that
-serves the case, and the naive routes (``mask_multiply``: multiply the masked input densely;
+serves the case, the naive routes (``mask_multiply``: multiply the masked input densely;
 ``gather``: gather the kept inputs and weight columns, then multiply densely;
-``sampled_addmm``: ``torch.sparse.sampled_addmm`` for output masks). Where the ``cpu`` backend
-serves, ``cpu_kernel`` times its kernel called directly, with its arguments prepared beforehand:
-the difference to ``cpu`` is what the public op's Python costs. Each route's output is first
-checked against the reference backend (dense is the baseline, not a masked result); a route that
-disagrees is reported, not timed. On the GPU, routes are timed as CUDA graph replays where they
+``sampled_addmm``: ``torch.sparse.sampled_addmm`` for output masks), and ``dense_kept``: dense
+PyTorch on a layer of the kept size (input-masked cases: as many inputs as the mask keeps, their
+weights contiguous), what a kernel that reads only the kept weights would take if skipping the
+rest cost nothing, fixed costs included. Where the ``cpu`` backend serves, ``cpu_kernel`` times
+its kernel called directly, with its arguments prepared beforehand: the difference to ``cpu`` is
+what the public op's Python costs. Each route's output is first checked against the reference
+backend (the dense routes are baselines, not masked results); a route that disagrees is
+reported, not timed. On the GPU, routes are timed as CUDA graph replays where they
 can be captured (kernel time, without Python's launch overhead), else eagerly.
 """
 
@@ -33,6 +36,8 @@ log = logging.getLogger(__name__)
 MASK_BLOCK = 16
 #: Routes that synchronise with the GPU (``nonzero``), so cannot be captured as CUDA graphs.
 SYNCING = frozenset({"gather"})
+#: Routes that compute no masked result: dense PyTorch, on the whole layer and on the kept size.
+BASELINES = frozenset({"dense", "dense_kept"})
 #: Inputs (and masks) each route cycles through: a new mask per call, as in a model.
 VARIANTS = 8
 TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -126,7 +131,8 @@ def run(cases: list[KernelCase], device: str, reps: int, seed: int = 0) -> Itera
         routes, reference = _routes(case, device)
         ok = {}
         for name, calls in routes.items():
-            error = None if name == "dense" else _check(calls[0](), reference, case.dtype)
+            baseline = name in BASELINES
+            error = None if baseline else _check(calls[0](), reference, case.dtype)
             if error:
                 log.warning(
                     "%s %s %s: wrong result (%s), not timed", case.op, case.shape, name, error
@@ -197,9 +203,9 @@ def _linear_routes(case: KernelCase, device: str):
     b = _randn(n, device=device, dtype=case.dtype)
     shared = case.granularity == "batch_shared"
     variants = []
+    block = MASK_BLOCK if case.granularity == "block" else 1
     for _ in range(VARIANTS):
         x = _randn(case.batch, k, device=device, dtype=case.dtype)
-        block = MASK_BLOCK if case.granularity == "block" else 1
         m = _masks((k,) if shared else (case.batch, k), case.density, device, block)
         variants.append((x, m))
     # Every route reads its own copy of the weight (the backends their own layouts): a weight
@@ -207,6 +213,10 @@ def _linear_routes(case: KernelCase, device: str):
     # 0.62 of dense when it shared the reference backend's 64 MB weight, 4096 -> 4096).
     w_dense = w.clone()
     routes = {"dense": [lambda v=v: F.linear(v[0], w_dense, b) for v in variants]}
+    kept = keep_count(case.density, k // block) * block  # every row's
+    kept_x = [_randn(case.batch, kept, device=device, dtype=case.dtype) for _ in variants]
+    w_kept = w[:, :kept].contiguous()
+    routes["dense_kept"] = [lambda x=x: F.linear(x, w_kept, b) for x in kept_x]
     routes |= _served(
         lambda: mgemm.linear_case(*variants[0][:1], w, b, in_mask=variants[0][1]),
         lambda v, name: mgemm.linear(v[0], w, b, in_mask=v[1], count=False, backend=name)[0],
@@ -269,6 +279,10 @@ def _conv_routes(case: KernelCase, device: str):
         variants.append((x, m))
     w_dense = weight.clone()  # its own copy, as in _linear_routes
     routes = {"dense": [lambda v=v: F.conv2d(v[0], w_dense, bias, *args) for v in variants]}
+    kept = keep_count(case.density, c_in)
+    kept_x = [_randn(case.batch, kept, h, w_, device=device, dtype=case.dtype) for _ in variants]
+    w_kept = weight[:, :kept].contiguous()
+    routes["dense_kept"] = [lambda x=x: F.conv2d(x, w_kept, bias, *args) for x in kept_x]
     routes |= _served(
         lambda: mgemm.conv2d_case(variants[0][0], weight, bias, *args, in_mask=variants[0][1]),
         lambda v, name: mgemm.conv2d(
