@@ -28,6 +28,8 @@ def test_quick_kernel_bench_times_every_route(tmp_path):
     } <= routes
     assert {("conv2d", "dense"), ("conv2d", "gather"), ("conv2d", "mask_multiply")} <= routes
     assert ("conv2d", "dense_kept") in routes
+    spatial = {r["backend"] for r in rows if r["granularity"] == "spatial"}
+    assert {"dense", "cpu", "cpu_kernel", "reference"} <= spatial
     assert {("conv2d", "cpu"), ("conv2d", "cpu_kernel")} <= routes
     for row in rows:
         assert row["median_ms"] > 0

@@ -86,3 +86,6 @@ def test_cpu_kernels_are_custom_ops_with_matching_fake_implementations():
     torch.library.opcheck(ops.select_linear, (x, 3, 4, None, w, b, True), test_utils=checks)
     conv_args = (image, None, 2, None, kernel, None, *geometry, True)
     torch.library.opcheck(ops.channel_conv, conv_args, test_utils=checks)
+    positions = torch.rand(2, 1, 6, 6) < 0.5
+    spatial_args = (image, positions, kernel, None, 1, 1, 1, 1, True)
+    torch.library.opcheck(ops.spatial_conv, spatial_args, test_utils=checks)

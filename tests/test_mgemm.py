@@ -133,7 +133,18 @@ def _unfold_macs(kept, weight_shape, stride, padding, dilation, groups):
     padding=st.integers(0, 2),
     dilation=st.integers(1, 2),
     dtype=st.sampled_from(DTYPES),
-    granularity=st.sampled_from(["element", "channel", "spatial", "shared", "empty", "none"]),
+    granularity=st.sampled_from(
+        [
+            "element",
+            "channel",
+            "spatial",
+            "spatial_shared",
+            "spatial_full",
+            "shared",
+            "empty",
+            "none",
+        ]
+    ),
     seed=st.integers(0, 2**16),
 )
 def test_conv2d_matches_brute_force(
@@ -164,12 +175,13 @@ def test_conv2d_matches_brute_force(
         "element": x.shape,
         "channel": (batch, c_in, 1, 1),
         "spatial": (batch, 1, h, w_),
+        "spatial_shared": (1, 1, h, w_),
+        "spatial_full": (batch, 1, h, w_),
         "shared": (1, c_in, 1, 1),
         "empty": x.shape,
     }.get(granularity)
-    mask = (
-        None if shape is None else _mask(shape, "empty" if granularity == "empty" else "half", seed)
-    )
+    kind = {"empty": "empty", "spatial_full": "full"}.get(granularity, "half")
+    mask = None if shape is None else _mask(shape, kind, seed)
     args = (stride, padding, dilation, groups)
     if mgemm.why_not(backend, mgemm.conv2d_case(x, weight, bias, *args, in_mask=mask)):
         return
@@ -412,6 +424,15 @@ def test_named_backend_raises_when_it_cannot_serve(fake_backend, monkeypatch):
                 in_mask=torch.rand(1, 32, 1, 1) < 0.5,
             ),
         ),
+        (
+            "cpu-conv",  # spatial masks at stride 1: the kept positions, scattered
+            lambda: mgemm.conv2d_case(
+                torch.randn(2, 8, 5, 5),
+                torch.randn(4, 8, 3, 3),
+                padding=1,
+                in_mask=torch.rand(2, 1, 5, 5) < 0.5,
+            ),
+        ),
     ],
 )
 def test_fast_backends_serve_the_cases_they_exist_for(backend, case):
@@ -420,6 +441,70 @@ def test_fast_backends_serve_the_cases_they_exist_for(backend, case):
     # The hypothesis tests above skip the cases a backend declines: make sure that the cases each
     # backend is built for are served, so those tests do compare it with the brute force.
     assert mgemm.why_not(backend, case()) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    c_in=st.integers(1, 20),
+    c_out=st.integers(1, 37),  # beyond one and two 16-float registers of outputs
+    size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    kind=st.sampled_from(["half", "empty", "full", "shared"]),
+    channels_last=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_cpu_spatial_conv_matches_brute_force(
+    batch, c_in, c_out, size, kernel, padding, dilation, kind, channels_last, seed
+):
+    """The ``cpu`` backend's spatially masked convolution (stride 1) against float64 PyTorch on
+    the masked input, and its MACs against an independent count (unfold)."""
+    from selact.mgemm import cpu
+
+    if not cpu.available():
+        pytest.skip("the CPU kernels could not be built")
+    h, w_ = size
+    if any(
+        s + 2 * p - d * (k - 1) < 1
+        for s, p, d, k in zip(size, padding, dilation, kernel, strict=True)
+    ):
+        return  # no output position
+    x = _relu_input((batch, c_in, h, w_), torch.float32, seed)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(c_out, c_in, *kernel), torch.randn(c_out)
+    shape = (1 if kind == "shared" else batch, 1, h, w_)
+    mask = _mask(shape, {"shared": "half"}.get(kind, kind), seed)
+    args = (1, padding, dilation, 1)
+    if h * w_ == 1:  # one position: a (B, 1, 1, 1) mask keeps or drops samples, not positions
+        return
+    y, macs = cpu.conv2d(x, weight, bias, *args, in_mask=mask)
+    expected = F.conv2d((x * mask).double(), weight.double(), bias.double(), *args)
+    _close(y, expected, torch.float32, c_in * kernel[0] * kernel[1])
+    assert int(macs) == _unfold_macs((x * mask) != 0, weight.shape, *args)
+
+
+def test_cpu_spatial_conv_declines_strides_and_plans_its_calls():
+    """Spatial masks: served at stride 1 (planned like the channel masks: later calls go straight
+    to the kernel), declined with the reason at stride 2."""
+    from selact.mgemm import cpu
+
+    if not cpu.available():
+        pytest.skip("the CPU kernels could not be built")
+    forget_plans()
+    x, w, b = torch.randn(2, 6, 7, 7), torch.randn(5, 6, 3, 3), torch.randn(5)
+    mask = torch.rand(2, 1, 7, 7) < 0.4
+    expected = F.conv2d(x * mask, w, b, 1, 1)
+    for _ in range(2):  # planned by the first call, served by the plan
+        y, macs = mgemm.conv2d(x, w, b, 1, 1, in_mask=mask)
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert int(macs) == _unfold_macs((x * mask) != 0, w.shape, 1, 1, 1, 1)
+    assert cpu.PLANNED["conv2d"](x, w, b, 1, 1, 1, 1, mask, False, None) is not None
+    reason = mgemm.why_not("cpu", mgemm.conv2d_case(x, w, b, 2, 1, in_mask=mask))
+    assert reason is not None and "stride 1" in reason
 
 
 def test_planned_cpu_calls_follow_what_their_signature_depends_on(monkeypatch):

@@ -69,6 +69,7 @@ def cpu_cases(quick: bool = False) -> list[KernelCase]:
         return [
             KernelCase("linear", 1, (64, 96), torch.float32, "element", 0.5),
             KernelCase("conv2d", 1, (8, 8, 6, 6, 3, 1), torch.float32, "channel", 0.5),
+            KernelCase("conv2d", 1, (8, 8, 6, 6, 3, 1), torch.float32, "spatial", 0.5),
         ]
     cases = [
         KernelCase("linear", 1, size, torch.float32, granularity, d)
@@ -90,6 +91,11 @@ def cpu_cases(quick: bool = False) -> list[KernelCase]:
             (64, 128, 32, 32, 3, 2),
         )
         for d in densities
+    ]
+    cases += [
+        KernelCase("conv2d", 1, size, torch.float32, "spatial", d)
+        for size in ((64, 64, 32, 32, 3, 1), (256, 256, 8, 8, 3, 1), (64, 64, 32, 32, 1, 1))
+        for d in (0.5, 0.25)
     ]
     return cases
 
@@ -275,14 +281,20 @@ def _conv_routes(case: KernelCase, device: str):
     variants = []
     for _ in range(VARIANTS):
         x = _randn(case.batch, c_in, h, w_, device=device, dtype=case.dtype)
-        m = _masks((case.batch, c_in), case.density, device).reshape(case.batch, c_in, 1, 1)
+        if case.granularity == "spatial":  # positions (all their channels)
+            m = _masks((case.batch, h * w_), case.density, device).reshape(case.batch, 1, h, w_)
+        else:
+            m = _masks((case.batch, c_in), case.density, device).reshape(case.batch, c_in, 1, 1)
         variants.append((x, m))
     w_dense = weight.clone()  # its own copy, as in _linear_routes
     routes = {"dense": [lambda v=v: F.conv2d(v[0], w_dense, bias, *args) for v in variants]}
-    kept = keep_count(case.density, c_in)
-    kept_x = [_randn(case.batch, kept, h, w_, device=device, dtype=case.dtype) for _ in variants]
-    w_kept = weight[:, :kept].contiguous()
-    routes["dense_kept"] = [lambda x=x: F.conv2d(x, w_kept, bias, *args) for x in kept_x]
+    if case.granularity == "channel":  # a layer of the kept channels (no such layer for positions)
+        kept = keep_count(case.density, c_in)
+        kept_x = [
+            _randn(case.batch, kept, h, w_, device=device, dtype=case.dtype) for _ in variants
+        ]
+        w_kept = weight[:, :kept].contiguous()
+        routes["dense_kept"] = [lambda x=x: F.conv2d(x, w_kept, bias, *args) for x in kept_x]
     routes |= _served(
         lambda: mgemm.conv2d_case(variants[0][0], weight, bias, *args, in_mask=variants[0][1]),
         lambda v, name: mgemm.conv2d(
@@ -293,12 +305,20 @@ def _conv_routes(case: KernelCase, device: str):
     if "cpu" in routes:
         w_kernel = weight.clone()  # its own copy (and packed copy), as every route
         geometry = cpu.conv_geometry(stride, kernel // 2, 1)
-        routes["cpu_kernel"] = [
-            lambda v=v: cpu.KERNELS["conv2d"](
-                v[0], v[1], 0, None, w_kernel, bias, *geometry, False
-            )[0]
-            for v in variants
-        ]
+        if case.granularity == "spatial":
+            routes["cpu_kernel"] = [
+                lambda v=v: cpu.KERNELS["spatial_conv"](
+                    v[0], v[1], w_kernel, bias, *geometry[2:], False
+                )[0]
+                for v in variants
+            ]
+        else:
+            routes["cpu_kernel"] = [
+                lambda v=v: cpu.KERNELS["conv2d"](
+                    v[0], v[1], 0, None, w_kernel, bias, *geometry, False
+                )[0]
+                for v in variants
+            ]
     routes["mask_multiply"] = [
         lambda v=v: F.conv2d(v[0] * v[1], weight, bias, *args) for v in variants
     ]

@@ -11,7 +11,9 @@ contiguous row per input, so a dropped input costs no memory traffic at all. flo
   per run over its kept inputs, the runs side by side when the threads share them evenly;
 - conv2d with channel or batch-shared masks (ungrouped, any batch): per sample an implicit GEMM
   over a zero-padded copy of the kept channels, any size, stride, padding and dilation; the
-  samples of a batch side by side, one thread each. Its output is in channels-last memory format.
+  samples of a batch side by side, one thread each. With spatial masks (stride 1): the kept
+  positions' inputs times every weight they feed in one GEMM, each product then added where it
+  lands. Outputs are in channels-last memory format.
 
 The public ops' call signatures that the dispatcher gives this backend are planned in the
 kernels (:func:`plan`), which then serve later calls of them without Python (:data:`PLANNED`).
@@ -84,6 +86,7 @@ def _build() -> str | None:
             ("linear", "sparse_linear", _sparse_linear_fake),
             ("select_linear", "select_linear", _select_linear_fake),
             ("conv2d", "channel_conv", _channel_conv_fake),
+            ("spatial_conv", "spatial_conv", _spatial_conv_fake),
             ("topk_mask", "topk_mask", _topk_mask_fake),
         ):
             torch.library.register_fake(f"selact_cpu::{op}")(fake)
@@ -121,6 +124,15 @@ def _channel_conv_fake(x, keep, k, norms, weight, bias, sh, sw, ph, pw, dh, dw, 
     )  # fmt: skip
     samples = x.shape[0] if keep is None else keep.shape[0]
     return y, x.new_empty(samples, x.shape[1], dtype=torch.bool), torch.empty((), dtype=torch.long)
+
+
+def _spatial_conv_fake(x, mask, weight, bias, ph, pw, dh, dw, count):
+    h_out, w_out = _output_size(x.shape[2:], weight.shape[2:], (1, 1), (ph, pw), (dh, dw))
+    y = torch.empty(
+        x.shape[0], weight.shape[0], h_out, w_out, dtype=x.dtype, device=x.device,
+        memory_format=torch.channels_last,
+    )  # fmt: skip
+    return y, torch.empty((), dtype=torch.long)
 
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -211,9 +223,16 @@ def _shared_tail(mask_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> int:
 def conv2d(
     x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, in_mask=None, count=True
 ):
-    """A channel-masked convolution as an implicit GEMM over the kept channels (channels-last
+    """A channel-masked convolution as an implicit GEMM over the kept channels, a spatially
+    masked one (stride 1) as a GEMM of the kept positions scattered to the outputs (channels-last
     output)."""
     geometry = conv_geometry(stride, padding, dilation)
+    if in_mask is not None and _spatial(in_mask.shape):
+        args = (x, in_mask, weight, bias, *geometry[2:], count)
+        if torch.compiler.is_compiling():
+            y, macs = torch.ops.selact_cpu.spatial_conv(*args)
+            return y, _macs(macs, count)
+        return KERNELS["spatial_conv"](*args)
     if torch.compiler.is_compiling():
         y, _, macs = torch.ops.selact_cpu.channel_conv(
             x, in_mask, 0, None, weight, bias, *geometry, count
@@ -288,13 +307,24 @@ def serves_runs(groups: int, rows: int) -> bool:
     return groups <= MAX_ROWS or rows >= groups * MAX_ROWS or groups == rows
 
 
+def _spatial(mask_shape: tuple[int, ...]) -> bool:
+    """Whether a convolution's mask keeps positions: (B or 1, 1, H, W), more than one position."""
+    return len(mask_shape) == 4 and mask_shape[1] == 1 and mask_shape[2] * mask_shape[3] > 1
+
+
 def _check_conv(case: Case) -> str | None:
-    mask = case.shapes["in_mask"]
+    mask, x = case.shapes["in_mask"], case.shapes["x"]
     stride, padding, dilation, groups = case.shapes["params"]
     if groups != (1,) or isinstance(padding, str):
         return "it takes ungrouped convolutions with numeric padding"
+    if mask is not None and _spatial(mask):
+        if stride != (1, 1):
+            return "it takes spatial masks at stride 1 only"
+        if mask[2:] != x[2:] or mask[0] not in (1, x[0]):
+            return "it takes spatial masks of (B or 1, 1, H, W) only"
+        return _unavailable()
     if mask is None or len(mask) != 4 or mask[2:] != (1, 1):
-        return "it takes channel or batch-shared masks only"
+        return "it takes channel, batch-shared or spatial masks only"
     return _unavailable()
 
 

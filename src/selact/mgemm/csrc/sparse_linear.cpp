@@ -904,6 +904,118 @@ std::tuple<at::Tensor, at::Tensor, int64_t> channel_conv(
   return {y, keep, count ? macs.load() : 0};
 }
 
+// Whether a convolution's mask keeps positions (all channels of each): (B or 1, 1, H, W) with
+// more than one position (a (B, 1, 1, 1) mask keeps or drops whole samples: channel_conv's).
+bool is_spatial_mask(const at::Tensor& mask, const at::Tensor& x) {
+  return mask.dim() == 4 && x.dim() == 4 && mask.size(1) == 1 && mask.size(2) * mask.size(3) > 1;
+}
+
+// A stride-1 convolution of x (B, C, H, W), any strides, in which sample b keeps the input
+// positions mask[b] (mask: (B, 1, H, W) or (1, 1, H, W) bool, any strides): every channel of a kept
+// position, nothing of a dropped one. Scatter form: the kept positions' inputs (n, C) times the
+// packed weight viewed as (C, taps · Np) in one GEMM (each kept input times every weight it feeds:
+// no im2col, no dropped position read); then each output position sums the products that reach
+// it, one per tap whose input is kept. Returns y (B, N, Ho, Wo) in
+// channels-last memory format and the MACs: the kept nonzero inputs times the output positions
+// they reach, times N (zero when count is false).
+std::tuple<at::Tensor, int64_t> spatial_conv(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& weight,
+                                             const c10::optional<at::Tensor>& bias, int64_t ph, int64_t pw, int64_t dh,
+                                             int64_t dw, bool count) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "x: (B, C, H, W) float32");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1), "weight ", weight.sizes(), " does not take x of ",
+              x.size(1), " channels (an ungrouped convolution)");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && (mask.size(0) == 1 || mask.size(0) == B) &&
+                  mask.size(1) == 1 && mask.size(2) == H && mask.size(3) == W,
+              "mask: (B, 1, H, W) or (1, 1, H, W) bool for x of ", x.sizes());
+  const int64_t n_out = weight.size(0), kh = weight.size(2), kw = weight.size(3), taps = kh * kw;
+  const int64_t Ho = H + 2 * ph - dh * (kh - 1), Wo = W + 2 * pw - dw * (kw - 1);
+  TORCH_CHECK(Ho > 0 && Wo > 0, "the convolution has no output position");
+  const at::Tensor packed = packed_for(weight);
+  const int64_t Np = packed.size(1);
+  const float* b = bias_data(bias, n_out);
+  at::Tensor y = new_tensor({B, n_out, Ho, Wo}, at::kFloat, at::MemoryFormat::ChannelsLast);
+  float* yp = y.data_ptr<float>();  // (B, Ho, Wo, N)
+  // The kept positions, in order: sample, row, column.
+  const bool* mp = mask.data_ptr<bool>();
+  const int64_t m0 = mask.size(0) == 1 ? 0 : mask.stride(0), m2 = mask.stride(2), m3 = mask.stride(3);
+  std::vector<int64_t> kept;
+  std::vector<int32_t> row_of(static_cast<size_t>(B * H * W), -1);  // a position's row, or -1: dropped
+  for (int64_t s = 0; s < B; ++s)
+    for (int64_t iy = 0; iy < H; ++iy)
+      for (int64_t ix = 0; ix < W; ++ix)
+        if (mp[s * m0 + iy * m2 + ix * m3]) {
+          row_of[(s * H + iy) * W + ix] = static_cast<int32_t>(kept.size());
+          kept.push_back((s * H + iy) * W + ix);
+        }
+  const int64_t n = static_cast<int64_t>(kept.size());
+  if (n == 0) {  // the bias alone
+    at::parallel_for(0, B * Ho * Wo, std::max<int64_t>(1, MIN_WORK / n_out), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p)
+        for (int64_t o = 0; o < n_out; ++o) yp[p * n_out + o] = b ? b[o] : 0.0f;
+    });
+    return {y, 0};
+  }
+  // How many output positions input row iy (column ix) reaches: its MACs per channel and output.
+  std::vector<int64_t> reach_y(H, 0), reach_x(W, 0);
+  for (int64_t i = 0; i < H; ++i)
+    for (int64_t t = 0; t < kh; ++t) reach_y[i] += (i + ph - t * dh >= 0 && i + ph - t * dh < Ho);
+  for (int64_t i = 0; i < W; ++i)
+    for (int64_t t = 0; t < kw; ++t) reach_x[i] += (i + pw - t * dw >= 0 && i + pw - t * dw < Wo);
+  // The kept inputs as rows (n, C).
+  at::Tensor rows = new_tensor({n, C}, at::kFloat);
+  float* rp = rows.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
+  auto position = [&](int64_t r) { return xp + kept[r] / (H * W) * s0 + kept[r] / W % H * s2 + kept[r] % W * s3; };
+  if (s1 == 1) {  // channels-last: each row is contiguous in x
+    at::parallel_for(0, n, std::max<int64_t>(1, MIN_WORK / C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) std::memcpy(rp + r * C, position(r), static_cast<size_t>(C) * sizeof(float));
+    });
+  } else {  // a channel at a time: the kept positions of its plane in order, the rows written apart
+    at::parallel_for(0, C, std::max<int64_t>(1, MIN_WORK / n), [&](int64_t c0, int64_t c1) {
+      for (int64_t r = 0; r < n; ++r) {
+        const float* xr = position(r);
+        for (int64_t c = c0; c < c1; ++c) rp[r * C + c] = xr[c * s1];
+      }
+    });
+  }
+  int64_t nonzero_reach = 0;
+  if (count)
+    for (int64_t r = 0; r < n; ++r) {
+      int64_t nonzero = 0;
+      for (int64_t c = 0; c < C; ++c) nonzero += rp[r * C + c] != 0.0f;
+      nonzero_reach += nonzero * reach_y[kept[r] / W % H] * reach_x[kept[r] % W];
+    }
+  const at::Tensor products = at::mm(rows, packed.view({C, taps * Np}));  // (n, taps · Np)
+  const float* zp = products.data_ptr<float>();
+  // Each output position sums the products of the kept inputs it reads (one per tap), in a row
+  // of accumulators, and is written once; the threads split the output positions.
+  at::parallel_for(0, B * Ho * Wo, std::max<int64_t>(1, MIN_WORK / (taps * n_out)), [&](int64_t p0, int64_t p1) {
+    std::vector<float> acc(static_cast<size_t>(n_out));
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t s = p / (Ho * Wo), oy = p / Wo % Ho, ox = p % Wo;
+      for (int64_t o = 0; o < n_out; ++o) acc[o] = b ? b[o] : 0.0f;
+      for (int64_t ty = 0; ty < kh; ++ty) {
+        const int64_t iy = oy - ph + ty * dh;
+        if (iy < 0 || iy >= H) continue;
+        for (int64_t tx = 0; tx < kw; ++tx) {
+          const int64_t ix = ox - pw + tx * dw;
+          if (ix < 0 || ix >= W) continue;
+          const int64_t r = row_of[(s * H + iy) * W + ix];
+          if (r < 0) continue;
+          const float* __restrict z = zp + (r * taps + ty * kw + tx) * Np;
+          float* __restrict a = acc.data();
+#pragma omp simd
+          for (int64_t o = 0; o < n_out; ++o) a[o] += z[o];
+        }
+      }
+      std::memcpy(yp + p * n_out, acc.data(), static_cast<size_t>(n_out) * sizeof(float));
+    }
+  });
+  return {y, nonzero_reach * n_out};
+}
+
 // Two front-ends for each kernel. As torch ops (torch.ops.selact_cpu.*, for torch.compile's
 // fake tensors and torch.library.opcheck): every result a tensor, the MACs 0-dim int64. As plain
 // Python functions (pybind11), which the cpu backend calls: no dispatcher boxing the arguments,
@@ -943,6 +1055,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv_op(
     keep = g.reshape({g.size(0), g.size(1)}).expand({g.size(0), x.size(1)}).clone();
   }
   return {y, keep, macs_tensor(macs)};
+}
+
+std::tuple<at::Tensor, at::Tensor> spatial_conv_op(const at::Tensor& x, const at::Tensor& mask,
+                                                   const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                                   int64_t ph, int64_t pw, int64_t dh, int64_t dw, bool count) {
+  auto [y, macs] = spatial_conv(x, mask, weight, bias, ph, pw, dh, dw, count);
+  return {y, macs_tensor(macs)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1092,6 +1211,9 @@ TORCH_LIBRARY(selact_cpu, m) {
   m.def(
       "channel_conv(Tensor x, Tensor? keep, int k, Tensor? norms, Tensor weight, Tensor? bias, int sh, int sw, "
       "int ph, int pw, int dh, int dw, bool count) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "spatial_conv(Tensor x, Tensor mask, Tensor weight, Tensor? bias, int ph, int pw, int dh, int dw, bool count) "
+      "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(selact_cpu, CPU, m) {
@@ -1099,6 +1221,7 @@ TORCH_LIBRARY_IMPL(selact_cpu, CPU, m) {
   m.impl("select_linear", &select_linear_op);
   m.impl("topk_mask", &topk_mask);
   m.impl("channel_conv", &channel_conv_op);
+  m.impl("spatial_conv", &spatial_conv_op);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1119,6 +1242,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                            int64_t dh, int64_t dw, bool count) {
     auto [y, kept, macs] = channel_conv(x, keep, k, norms, weight, bias, sh, sw, ph, pw, dh, dw, count);
     return py::make_tuple(y, tensor_or_none(kept), macs_or_none(macs, count));
+  });
+  m.def("spatial_conv", [](const at::Tensor& x, const at::Tensor& mask, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                           bool count) {
+    auto [y, macs] = spatial_conv(x, mask, weight, bias, ph, pw, dh, dw, count);
+    return py::make_tuple(y, macs_or_none(macs, count));
   });
   m.def("packed", &packed_for);
   m.def("set_on_packed", [](py::function hook) { on_packed = hook.release().ptr(); });
@@ -1157,7 +1286,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     if (!conv_signature(s, x, weight, bias, stride, padding, dilation, groups, in_mask, requested, c) ||
         c.groups != 1 || !is_planned(s))
       return py::none();
-    auto [y, kept, macs] = channel_conv(THPVariable_Unpack(x.ptr()), optional_tensor(in_mask), 0, c10::nullopt,
+    const auto mask = optional_tensor(in_mask);
+    if (mask.has_value() && is_spatial_mask(*mask, THPVariable_Unpack(x.ptr()))) {  // planned: stride 1
+      auto [y, macs] = spatial_conv(THPVariable_Unpack(x.ptr()), *mask, THPVariable_Unpack(weight.ptr()),
+                                    optional_tensor(bias), c.padding[0], c.padding[1], c.dilation[0], c.dilation[1],
+                                    count);
+      return py::make_tuple(y, macs_or_none(macs, count));
+    }
+    auto [y, kept, macs] = channel_conv(THPVariable_Unpack(x.ptr()), mask, 0, c10::nullopt,
                                         THPVariable_Unpack(weight.ptr()), optional_tensor(bias), c.stride[0],
                                         c.stride[1], c.padding[0], c.padding[1], c.dilation[0], c.dilation[1], count);
     return py::make_tuple(y, macs_or_none(macs, count));
