@@ -936,81 +936,104 @@ std::tuple<at::Tensor, int64_t> spatial_conv(const at::Tensor& x, const at::Tens
   const float* b = bias_data(bias, n_out);
   at::Tensor y = new_tensor({B, n_out, Ho, Wo}, at::kFloat, at::MemoryFormat::ChannelsLast);
   float* yp = y.data_ptr<float>();  // (B, Ho, Wo, N)
-  // The kept positions, in order: sample, row, column.
+  // The kept positions, in order (sample, row, column): their rows of the products, their
+  // inputs' offsets in x, and, per position, its row or -1 (dropped).
   const bool* mp = mask.data_ptr<bool>();
   const int64_t m0 = mask.size(0) == 1 ? 0 : mask.stride(0), m2 = mask.stride(2), m3 = mask.stride(3);
-  std::vector<int64_t> kept;
-  std::vector<int32_t> row_of(static_cast<size_t>(B * H * W), -1);  // a position's row, or -1: dropped
-  for (int64_t s = 0; s < B; ++s)
-    for (int64_t iy = 0; iy < H; ++iy)
-      for (int64_t ix = 0; ix < W; ++ix)
-        if (mp[s * m0 + iy * m2 + ix * m3]) {
-          row_of[(s * H + iy) * W + ix] = static_cast<int32_t>(kept.size());
-          kept.push_back((s * H + iy) * W + ix);
-        }
-  const int64_t n = static_cast<int64_t>(kept.size());
-  if (n == 0) {  // the bias alone
-    at::parallel_for(0, B * Ho * Wo, std::max<int64_t>(1, MIN_WORK / n_out), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p)
-        for (int64_t o = 0; o < n_out; ++o) yp[p * n_out + o] = b ? b[o] : 0.0f;
-    });
-    return {y, 0};
-  }
-  // How many output positions input row iy (column ix) reaches: its MACs per channel and output.
-  std::vector<int64_t> reach_y(H, 0), reach_x(W, 0);
+  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
+  std::vector<int64_t> offset;  // of each kept position's first channel in x
+  std::vector<int32_t> row_of(static_cast<size_t>(B * H * W), -1);
+  int64_t nonzero_reach = 0;  // sum over kept positions of (reach of its row) x (reach of its column)
+  std::vector<int64_t> reach_y(H, 0), reach_x(W, 0);  // output positions an input row (column) reaches
   for (int64_t i = 0; i < H; ++i)
     for (int64_t t = 0; t < kh; ++t) reach_y[i] += (i + ph - t * dh >= 0 && i + ph - t * dh < Ho);
   for (int64_t i = 0; i < W; ++i)
     for (int64_t t = 0; t < kw; ++t) reach_x[i] += (i + pw - t * dw >= 0 && i + pw - t * dw < Wo);
-  // The kept inputs as rows (n, C).
-  at::Tensor rows = new_tensor({n, C}, at::kFloat);
-  float* rp = rows.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
-  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
-  auto position = [&](int64_t r) { return xp + kept[r] / (H * W) * s0 + kept[r] / W % H * s2 + kept[r] % W * s3; };
-  if (s1 == 1) {  // channels-last: each row is contiguous in x
-    at::parallel_for(0, n, std::max<int64_t>(1, MIN_WORK / C), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) std::memcpy(rp + r * C, position(r), static_cast<size_t>(C) * sizeof(float));
-    });
-  } else {  // a channel at a time: the kept positions of its plane in order, the rows written apart
-    at::parallel_for(0, C, std::max<int64_t>(1, MIN_WORK / n), [&](int64_t c0, int64_t c1) {
-      for (int64_t r = 0; r < n; ++r) {
-        const float* xr = position(r);
-        for (int64_t c = c0; c < c1; ++c) rp[r * C + c] = xr[c * s1];
-      }
-    });
+  for (int64_t s = 0; s < B; ++s)
+    for (int64_t iy = 0; iy < H; ++iy)
+      for (int64_t ix = 0; ix < W; ++ix)
+        if (mp[s * m0 + iy * m2 + ix * m3]) {
+          row_of[(s * H + iy) * W + ix] = static_cast<int32_t>(offset.size());
+          offset.push_back(s * s0 + iy * s2 + ix * s3);
+        }
+  const int64_t n = static_cast<int64_t>(offset.size());
+  // The input lines (sample, row) and the output lines come in one band per thread, the same
+  // split of both: a thread gathers the kept inputs of its input lines and sums its output lines.
+  // With more kept positions than channels (the products outweigh the weights) it also multiplies
+  // its own inputs (a GEMM each), so that its sums read its own products but at the bands' edges;
+  // else one GEMM of all of them, the threads splitting the weights (measured on 2 Xeon cores,
+  // density 0.5, warm: 64 channels at 32x32, 144 us banded against 203 with one GEMM; 256
+  // channels at 8x8, 131 with one GEMM against 147 banded).
+  const int64_t bands = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * Ho));
+  std::vector<int64_t> first(static_cast<size_t>(B * H + 1), 0);  // kept positions before each input line
+  for (int64_t line = 0; line < B * H; ++line) {
+    const int32_t* r = row_of.data() + line * W;
+    first[line + 1] = first[line] + std::count_if(r, r + W, [](int32_t v) { return v >= 0; });
   }
-  int64_t nonzero_reach = 0;
-  if (count)
-    for (int64_t r = 0; r < n; ++r) {
-      int64_t nonzero = 0;
-      for (int64_t c = 0; c < C; ++c) nonzero += rp[r * C + c] != 0.0f;
-      nonzero_reach += nonzero * reach_y[kept[r] / W % H] * reach_x[kept[r] % W];
-    }
-  const at::Tensor products = at::mm(rows, packed.view({C, taps * Np}));  // (n, taps · Np)
+  at::Tensor rows = new_tensor({std::max<int64_t>(n, 1), C}, at::kFloat);
+  at::Tensor products = new_tensor({std::max<int64_t>(n, 1), taps * Np}, at::kFloat);
+  float* rp = rows.data_ptr<float>();
   const float* zp = products.data_ptr<float>();
-  // Each output position sums the products of the kept inputs it reads (one per tap), in a row
-  // of accumulators, and is written once; the threads split the output positions.
-  at::parallel_for(0, B * Ho * Wo, std::max<int64_t>(1, MIN_WORK / (taps * n_out)), [&](int64_t p0, int64_t p1) {
-    std::vector<float> acc(static_cast<size_t>(n_out));
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t s = p / (Ho * Wo), oy = p / Wo % Ho, ox = p % Wo;
-      for (int64_t o = 0; o < n_out; ++o) acc[o] = b ? b[o] : 0.0f;
-      for (int64_t ty = 0; ty < kh; ++ty) {
-        const int64_t iy = oy - ph + ty * dh;
-        if (iy < 0 || iy >= H) continue;
-        for (int64_t tx = 0; tx < kw; ++tx) {
-          const int64_t ix = ox - pw + tx * dw;
-          if (ix < 0 || ix >= W) continue;
-          const int64_t r = row_of[(s * H + iy) * W + ix];
-          if (r < 0) continue;
-          const float* __restrict z = zp + (r * taps + ty * kw + tx) * Np;
-          float* __restrict a = acc.data();
-#pragma omp simd
-          for (int64_t o = 0; o < n_out; ++o) a[o] += z[o];
+  const float* xp = x.data_ptr<float>();
+  const at::Tensor weights = packed.view({C, taps * Np});
+  const bool banded = n > C;
+  auto band_of = [&](int64_t t, int64_t lines) { return std::pair{t * lines / bands, (t + 1) * lines / bands}; };
+  at::parallel_for(0, bands, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto [a, z] = band_of(t, B * H);
+      const int64_t r0 = first[a], r1 = first[z];
+      if (r1 == r0) continue;
+      for (int64_t r = r0; r < r1; ++r) {  // the kept inputs as rows (n, C)
+        if (s1 == 1) {
+          std::memcpy(rp + r * C, xp + offset[r], static_cast<size_t>(C) * sizeof(float));
+        } else {
+          for (int64_t c = 0; c < C; ++c) rp[r * C + c] = xp[offset[r] + c * s1];
         }
       }
-      std::memcpy(yp + p * n_out, acc.data(), static_cast<size_t>(n_out) * sizeof(float));
+      if (banded) {  // each kept input times every weight it feeds
+        at::Tensor part = products.narrow(0, r0, r1 - r0);
+        at::mm_out(part, rows.narrow(0, r0, r1 - r0), weights);
+      }
+    }
+  });
+  if (!banded && n > 0) {
+    at::Tensor all = products.narrow(0, 0, n);
+    at::mm_out(all, rows.narrow(0, 0, n), weights);
+  }
+  if (count)
+    for (int64_t s = 0, r = 0; s < B; ++s)
+      for (int64_t iy = 0; iy < H; ++iy)
+        for (int64_t ix = 0; ix < W; ++ix)
+          if (row_of[(s * H + iy) * W + ix] >= 0) {
+            int64_t nonzero = 0;
+            for (int64_t c = 0; c < C; ++c) nonzero += rp[r * C + c] != 0.0f;
+            nonzero_reach += nonzero * reach_y[iy] * reach_x[ix];
+            ++r;
+          }
+  // Each output position sums the products of the kept inputs it reads (one per tap) in its row of
+  // y, written once.
+  at::parallel_for(0, bands, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto [l0, l1] = band_of(t, B * Ho);
+      for (int64_t l = l0; l < l1; ++l) {
+        const int64_t s = l / Ho, oy = l % Ho;
+        for (int64_t ox = 0; ox < Wo; ++ox) {
+          float* __restrict acc = yp + (l * Wo + ox) * n_out;
+          for (int64_t o = 0; o < n_out; ++o) acc[o] = b ? b[o] : 0.0f;
+          for (int64_t ty = 0; ty < kh; ++ty) {
+            const int64_t iy = oy - ph + ty * dh;
+            if (iy < 0 || iy >= H) continue;
+            const int32_t* rows_of_line = row_of.data() + (s * H + iy) * W;
+            for (int64_t tx = 0; tx < kw; ++tx) {
+              const int64_t ix = ox - pw + tx * dw;
+              if (ix < 0 || ix >= W || rows_of_line[ix] < 0) continue;
+              const float* __restrict z = zp + (rows_of_line[ix] * taps + ty * kw + tx) * Np;
+#pragma omp simd
+              for (int64_t o = 0; o < n_out; ++o) acc[o] += z[o];
+            }
+          }
+        }
+      }
     }
   });
   return {y, nonzero_reach * n_out};
