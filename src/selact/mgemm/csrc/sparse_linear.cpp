@@ -798,6 +798,16 @@ at::Tensor topk_mask(const at::Tensor& scores_in, int64_t k) {
   return keep;
 }
 
+// How many (output position, tap) pairs along one dimension read each of its n_in inputs: a
+// nonzero input's MACs per output channel, one factor per dimension.
+std::vector<int64_t> cover(int64_t n_in, int64_t n_out, int64_t k, int64_t stride, int64_t pad, int64_t dilation) {
+  std::vector<int64_t> reach(static_cast<size_t>(n_in), 0);
+  for (int64_t o = 0; o < n_out; ++o)
+    for (int64_t t = 0; t < k; ++t)
+      if (const int64_t i = o * stride - pad + t * dilation; i >= 0 && i < n_in) ++reach[i];
+  return reach;
+}
+
 // A convolution of x (B, C, H, W), any strides, in which sample b keeps the input channels
 // keep[b] (keep: (B, C) or (1, C) bool, also (B, C, 1, 1), any strides; a channel size of 1 keeps
 // or drops whole samples; if undefined, the AMU's channel top-k of k channels, see
@@ -839,13 +849,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> channel_conv(
   const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, M = Ho * Wo;
   at::Tensor y = new_tensor({B, n_out, Ho, Wo}, at::kFloat, at::MemoryFormat::ChannelsLast);
   // How many (output position, tap) pairs read input row iy (col ix): the MACs of a nonzero input.
-  std::vector<int64_t> cover_y(H, 0), cover_x(W, 0);
-  for (int64_t o = 0; o < Ho; ++o)
-    for (int64_t t = 0; t < kh; ++t)
-      if (const int64_t i = o * sh - ph + t * dh; i >= 0 && i < H) ++cover_y[i];
-  for (int64_t o = 0; o < Wo; ++o)
-    for (int64_t t = 0; t < kw; ++t)
-      if (const int64_t i = o * sw - pw + t * dw; i >= 0 && i < W) ++cover_x[i];
+  const std::vector<int64_t> cover_y = cover(H, Ho, kh, sh, ph, dh), cover_x = cover(W, Wo, kw, sw, pw, dw);
   const float* xp = x.data_ptr<float>();
   const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
   // Sample s: its kept channels, zero-padded, then the implicit GEMM; returns its MACs. Inside a
@@ -943,12 +947,7 @@ std::tuple<at::Tensor, int64_t> spatial_conv(const at::Tensor& x, const at::Tens
   const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
   std::vector<int64_t> offset;  // of each kept position's first channel in x
   std::vector<int32_t> row_of(static_cast<size_t>(B * H * W), -1);
-  int64_t nonzero_reach = 0;  // sum over kept positions of (reach of its row) x (reach of its column)
-  std::vector<int64_t> reach_y(H, 0), reach_x(W, 0);  // output positions an input row (column) reaches
-  for (int64_t i = 0; i < H; ++i)
-    for (int64_t t = 0; t < kh; ++t) reach_y[i] += (i + ph - t * dh >= 0 && i + ph - t * dh < Ho);
-  for (int64_t i = 0; i < W; ++i)
-    for (int64_t t = 0; t < kw; ++t) reach_x[i] += (i + pw - t * dw >= 0 && i + pw - t * dw < Wo);
+  int64_t nonzero_reach = 0;  // sum over kept inputs, nonzero, of the output positions they reach
   for (int64_t s = 0; s < B; ++s)
     for (int64_t iy = 0; iy < H; ++iy)
       for (int64_t ix = 0; ix < W; ++ix)
@@ -1000,7 +999,8 @@ std::tuple<at::Tensor, int64_t> spatial_conv(const at::Tensor& x, const at::Tens
     at::Tensor all = products.narrow(0, 0, n);
     at::mm_out(all, rows.narrow(0, 0, n), weights);
   }
-  if (count)
+  if (count) {
+    const std::vector<int64_t> reach_y = cover(H, Ho, kh, 1, ph, dh), reach_x = cover(W, Wo, kw, 1, pw, dw);
     for (int64_t s = 0, r = 0; s < B; ++s)
       for (int64_t iy = 0; iy < H; ++iy)
         for (int64_t ix = 0; ix < W; ++ix)
@@ -1010,6 +1010,7 @@ std::tuple<at::Tensor, int64_t> spatial_conv(const at::Tensor& x, const at::Tens
             nonzero_reach += nonzero * reach_y[iy] * reach_x[ix];
             ++r;
           }
+  }
   // Each output position sums the products of the kept inputs it reads (one per tap) in its row of
   // y, written once.
   at::parallel_for(0, bands, 1, [&](int64_t t0, int64_t t1) {
