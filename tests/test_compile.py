@@ -87,5 +87,5 @@ def test_cpu_kernels_are_custom_ops_with_matching_fake_implementations():
     conv_args = (image, None, 2, None, kernel, None, *geometry, True)
     torch.library.opcheck(ops.channel_conv, conv_args, test_utils=checks)
     positions = torch.rand(2, 1, 6, 6) < 0.5
-    spatial_args = (image, positions, kernel, None, 1, 1, 1, 1, True)
+    spatial_args = (image, positions, kernel, None, 2, 1, 1, 1, 1, 1, True)
     torch.library.opcheck(ops.spatial_conv, spatial_args, test_utils=checks)

@@ -450,6 +450,7 @@ def test_fast_backends_serve_the_cases_they_exist_for(backend, case):
     c_out=st.integers(1, 37),  # beyond one and two 16-float registers of outputs
     size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
     kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
     padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
     dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
     kind=st.sampled_from(["half", "empty", "full", "shared"]),
@@ -457,10 +458,11 @@ def test_fast_backends_serve_the_cases_they_exist_for(backend, case):
     seed=st.integers(0, 2**16),
 )
 def test_cpu_spatial_conv_matches_brute_force(
-    batch, c_in, c_out, size, kernel, padding, dilation, kind, channels_last, seed
+    batch, c_in, c_out, size, kernel, stride, padding, dilation, kind, channels_last, seed
 ):
-    """The ``cpu`` backend's spatially masked convolution (stride 1) against float64 PyTorch on
-    the masked input, and its MACs against an independent count (unfold)."""
+    """The ``cpu`` backend's spatially masked convolution (any stride: at stride s each tap
+    multiplies the positions of its residue class) against float64 PyTorch on the masked input,
+    and its MACs against an independent count (unfold)."""
     from selact.mgemm import cpu
 
     if not cpu.available():
@@ -477,7 +479,7 @@ def test_cpu_spatial_conv_matches_brute_force(
     weight, bias = torch.randn(c_out, c_in, *kernel), torch.randn(c_out)
     shape = (1 if kind == "shared" else batch, 1, h, w_)
     mask = _mask(shape, {"shared": "half"}.get(kind, kind), seed)
-    args = (1, padding, dilation, 1)
+    args = (stride, padding, dilation, 1)
     if h * w_ == 1:  # one position: a (B, 1, 1, 1) mask keeps or drops samples, not positions
         return
     y, macs = cpu.conv2d(x, weight, bias, *args, in_mask=mask)
@@ -486,9 +488,9 @@ def test_cpu_spatial_conv_matches_brute_force(
     assert int(macs) == _unfold_macs((x * mask) != 0, weight.shape, *args)
 
 
-def test_cpu_spatial_conv_declines_strides_and_plans_its_calls():
-    """Spatial masks: served at stride 1 (planned like the channel masks: later calls go straight
-    to the kernel), declined with the reason at stride 2."""
+def test_cpu_spatial_conv_plans_its_calls_at_any_stride():
+    """Spatial masks are planned like the channel masks (later calls go straight to the kernel),
+    at stride 1 and 2; a mask broadcast over rows is declined with the reason."""
     from selact.mgemm import cpu
 
     if not cpu.available():
@@ -496,15 +498,19 @@ def test_cpu_spatial_conv_declines_strides_and_plans_its_calls():
     forget_plans()
     x, w, b = torch.randn(2, 6, 7, 7), torch.randn(5, 6, 3, 3), torch.randn(5)
     mask = torch.rand(2, 1, 7, 7) < 0.4
-    expected = F.conv2d(x * mask, w, b, 1, 1)
-    for _ in range(2):  # planned by the first call, served by the plan
-        y, macs = mgemm.conv2d(x, w, b, 1, 1, in_mask=mask)
-        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
-        assert y.is_contiguous(memory_format=torch.channels_last)
-        assert int(macs) == _unfold_macs((x * mask) != 0, w.shape, 1, 1, 1, 1)
-    assert cpu.PLANNED["conv2d"](x, w, b, 1, 1, 1, 1, mask, False, None) is not None
-    reason = mgemm.why_not("cpu", mgemm.conv2d_case(x, w, b, 2, 1, in_mask=mask))
-    assert reason is not None and "stride 1" in reason
+    for stride in (1, 2):
+        expected = F.conv2d(x * mask, w, b, stride, 1)
+        for _ in range(2):  # planned by the first call, served by the plan
+            y, macs = mgemm.conv2d(x, w, b, stride, 1, in_mask=mask)
+            torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+            assert y.is_contiguous(memory_format=torch.channels_last)
+            assert int(macs) == _unfold_macs((x * mask) != 0, w.shape, stride, 1, 1, 1)
+        planned = cpu.PLANNED["conv2d"](x, w, b, stride, 1, 1, 1, mask, False, None)
+        assert planned is not None
+        torch.testing.assert_close(planned[0], expected, rtol=1e-4, atol=1e-4)
+    case = mgemm.conv2d_case(x, w, b, 2, 1, in_mask=mask[:, :, :1])
+    reason = mgemm.why_not("cpu", case)
+    assert reason is not None and "(B or 1, 1, H, W)" in reason
 
 
 def test_planned_cpu_calls_follow_what_their_signature_depends_on(monkeypatch):

@@ -94,7 +94,12 @@ def cpu_cases(quick: bool = False) -> list[KernelCase]:
     ]
     cases += [
         KernelCase("conv2d", 1, size, torch.float32, "spatial", d)
-        for size in ((64, 64, 32, 32, 3, 1), (256, 256, 8, 8, 3, 1), (64, 64, 32, 32, 1, 1))
+        for size in (
+            (64, 64, 32, 32, 3, 1),
+            (256, 256, 8, 8, 3, 1),
+            (64, 64, 32, 32, 1, 1),
+            (64, 128, 32, 32, 3, 2),
+        )
         for d in (0.5, 0.25)
     ]
     return cases
@@ -308,7 +313,7 @@ def _conv_routes(case: KernelCase, device: str):
         if case.granularity == "spatial":
             routes["cpu_kernel"] = [
                 lambda v=v: cpu.KERNELS["spatial_conv"](
-                    v[0], v[1], w_kernel, bias, *geometry[2:], False
+                    v[0], v[1], w_kernel, bias, *geometry, False
                 )[0]
                 for v in variants
             ]

@@ -11,9 +11,9 @@ contiguous row per input, so a dropped input costs no memory traffic at all. flo
   per run over its kept inputs, the runs side by side when the threads share them evenly;
 - conv2d with channel or batch-shared masks (ungrouped, any batch): per sample an implicit GEMM
   over a zero-padded copy of the kept channels, any size, stride, padding and dilation; the
-  samples of a batch side by side, one thread each. With spatial masks (stride 1): the kept
-  positions' inputs times every weight they feed in one GEMM, each product then added where it
-  lands. Outputs are in channels-last memory format.
+  samples of a batch side by side, one thread each. With spatial masks (any stride): the kept
+  positions' inputs times every weight they feed (at stride s, each tap times the positions it
+  meets), each product then added where it lands. Outputs are in channels-last memory format.
 
 The public ops' call signatures that the dispatcher gives this backend are planned in the
 kernels (:func:`plan`), which then serve later calls of them without Python (:data:`PLANNED`).
@@ -126,8 +126,8 @@ def _channel_conv_fake(x, keep, k, norms, weight, bias, sh, sw, ph, pw, dh, dw, 
     return y, x.new_empty(samples, x.shape[1], dtype=torch.bool), torch.empty((), dtype=torch.long)
 
 
-def _spatial_conv_fake(x, mask, weight, bias, ph, pw, dh, dw, count):
-    h_out, w_out = _output_size(x.shape[2:], weight.shape[2:], (1, 1), (ph, pw), (dh, dw))
+def _spatial_conv_fake(x, mask, weight, bias, sh, sw, ph, pw, dh, dw, count):
+    h_out, w_out = _output_size(x.shape[2:], weight.shape[2:], (sh, sw), (ph, pw), (dh, dw))
     y = torch.empty(
         x.shape[0], weight.shape[0], h_out, w_out, dtype=x.dtype, device=x.device,
         memory_format=torch.channels_last,
@@ -224,11 +224,10 @@ def conv2d(
     x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, in_mask=None, count=True
 ):
     """A channel-masked convolution as an implicit GEMM over the kept channels, a spatially
-    masked one (stride 1) as a GEMM of the kept positions scattered to the outputs (channels-last
-    output)."""
+    masked one as a GEMM of the kept positions scattered to the outputs (channels-last output)."""
     geometry = conv_geometry(stride, padding, dilation)
     if in_mask is not None and _spatial(in_mask.shape):
-        args = (x, in_mask, weight, bias, *geometry[2:], count)
+        args = (x, in_mask, weight, bias, *geometry, count)
         if torch.compiler.is_compiling():
             y, macs = torch.ops.selact_cpu.spatial_conv(*args)
             return y, _macs(macs, count)
@@ -314,12 +313,10 @@ def _spatial(mask_shape: tuple[int, ...]) -> bool:
 
 def _check_conv(case: Case) -> str | None:
     mask, x = case.shapes["in_mask"], case.shapes["x"]
-    stride, padding, dilation, groups = case.shapes["params"]
+    _, padding, _, groups = case.shapes["params"]
     if groups != (1,) or isinstance(padding, str):
         return "it takes ungrouped convolutions with numeric padding"
     if mask is not None and _spatial(mask):
-        if stride != (1, 1):
-            return "it takes spatial masks at stride 1 only"
         if mask[2:] != x[2:] or mask[0] not in (1, x[0]):
             return "it takes spatial masks of (B or 1, 1, H, W) only"
         return _unavailable()

@@ -914,73 +914,90 @@ bool is_spatial_mask(const at::Tensor& mask, const at::Tensor& x) {
   return mask.dim() == 4 && x.dim() == 4 && mask.size(1) == 1 && mask.size(2) * mask.size(3) > 1;
 }
 
-// A stride-1 convolution of x (B, C, H, W), any strides, in which sample b keeps the input
-// positions mask[b] (mask: (B, 1, H, W) or (1, 1, H, W) bool, any strides): every channel of a kept
+// A convolution of x (B, C, H, W), any strides, in which sample b keeps the input positions
+// mask[b] (mask: (B, 1, H, W) or (1, 1, H, W) bool, any strides): every channel of a kept
 // position, nothing of a dropped one. Scatter form: the kept positions' inputs (n, C) times the
-// packed weight viewed as (C, taps · Np) in one GEMM (each kept input times every weight it feeds:
-// no im2col, no dropped position read); then each output position sums the products that reach
-// it, one per tap whose input is kept. Returns y (B, N, Ho, Wo) in
-// channels-last memory format and the MACs: the kept nonzero inputs times the output positions
+// packed weight viewed as (C, taps · Np) (each kept input times every weight it feeds: no im2col,
+// no dropped position read); then each output position sums the products that reach it, one per
+// tap whose input is kept. At stride 1 every input meets every tap: one GEMM. At stride s an input
+// meets the taps of its residue class only (row iy and tap ty meet where iy + ph = ty · dh mod s),
+// so the kept positions are grouped by class and each tap multiplies its class's rows alone: the
+// products computed are the ones some output reads (but at the borders). Returns y (B, N, Ho, Wo)
+// in channels-last memory format and the MACs: the kept nonzero inputs times the output positions
 // they reach, times N (zero when count is false).
 std::tuple<at::Tensor, int64_t> spatial_conv(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& weight,
-                                             const c10::optional<at::Tensor>& bias, int64_t ph, int64_t pw, int64_t dh,
-                                             int64_t dw, bool count) {
+                                             const c10::optional<at::Tensor>& bias, int64_t sh, int64_t sw,
+                                             int64_t ph, int64_t pw, int64_t dh, int64_t dw, bool count) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "x: (B, C, H, W) float32");
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1), "weight ", weight.sizes(), " does not take x of ",
               x.size(1), " channels (an ungrouped convolution)");
+  TORCH_CHECK(sh > 0 && sw > 0 && dh > 0 && dw > 0 && ph >= 0 && pw >= 0, "stride (", sh, ", ", sw, "), padding (",
+              ph, ", ", pw, ") and dilation (", dh, ", ", dw, ") of a convolution");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && (mask.size(0) == 1 || mask.size(0) == B) &&
                   mask.size(1) == 1 && mask.size(2) == H && mask.size(3) == W,
               "mask: (B, 1, H, W) or (1, 1, H, W) bool for x of ", x.sizes());
   const int64_t n_out = weight.size(0), kh = weight.size(2), kw = weight.size(3), taps = kh * kw;
-  const int64_t Ho = H + 2 * ph - dh * (kh - 1), Wo = W + 2 * pw - dw * (kw - 1);
-  TORCH_CHECK(Ho > 0 && Wo > 0, "the convolution has no output position");
+  const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK(H + 2 * ph - dh * (kh - 1) > 0 && W + 2 * pw - dw * (kw - 1) > 0,
+              "the convolution has no output position");
   const at::Tensor packed = packed_for(weight);
   const int64_t Np = packed.size(1);
   const float* b = bias_data(bias, n_out);
   at::Tensor y = new_tensor({B, n_out, Ho, Wo}, at::kFloat, at::MemoryFormat::ChannelsLast);
   float* yp = y.data_ptr<float>();  // (B, Ho, Wo, N)
-  // The kept positions, in order (sample, row, column): their rows of the products, their
-  // inputs' offsets in x, and, per position, its row or -1 (dropped).
+  // The kept positions, by residue class (one class at stride 1), then in order (sample, row,
+  // column): their rows of the products, their inputs' offsets in x, and, per position, its row
+  // or -1 (dropped).
   const bool* mp = mask.data_ptr<bool>();
   const int64_t m0 = mask.size(0) == 1 ? 0 : mask.stride(0), m2 = mask.stride(2), m3 = mask.stride(3);
   const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
   std::vector<int64_t> offset;  // of each kept position's first channel in x
   std::vector<int32_t> row_of(static_cast<size_t>(B * H * W), -1);
-  int64_t nonzero_reach = 0;  // sum over kept inputs, nonzero, of the output positions they reach
-  for (int64_t s = 0; s < B; ++s)
-    for (int64_t iy = 0; iy < H; ++iy)
-      for (int64_t ix = 0; ix < W; ++ix)
-        if (mp[s * m0 + iy * m2 + ix * m3]) {
-          row_of[(s * H + iy) * W + ix] = static_cast<int32_t>(offset.size());
-          offset.push_back(s * s0 + iy * s2 + ix * s3);
-        }
+  std::vector<int64_t> class_first(static_cast<size_t>(sh * sw + 1), 0);  // the rows of each class
+  for (int64_t cy = 0; cy < sh; ++cy)
+    for (int64_t cx = 0; cx < sw; ++cx) {
+      class_first[cy * sw + cx] = static_cast<int64_t>(offset.size());
+      for (int64_t s = 0; s < B; ++s)
+        for (int64_t iy = ((cy - ph) % sh + sh) % sh; iy < H; iy += sh)
+          for (int64_t ix = ((cx - pw) % sw + sw) % sw; ix < W; ix += sw)
+            if (mp[s * m0 + iy * m2 + ix * m3]) {
+              row_of[(s * H + iy) * W + ix] = static_cast<int32_t>(offset.size());
+              offset.push_back(s * s0 + iy * s2 + ix * s3);
+            }
+    }
   const int64_t n = static_cast<int64_t>(offset.size());
+  class_first.back() = n;
+  const bool unit = sh == 1 && sw == 1;
   // The input lines (sample, row) and the output lines come in one band per thread, the same
   // split of both: a thread gathers the kept inputs of its input lines and sums its output lines.
-  // With more kept positions than channels (the products outweigh the weights) it also multiplies
-  // its own inputs (a GEMM each), so that its sums read its own products but at the bands' edges;
-  // else one GEMM of all of them, the threads splitting the weights (measured on 2 Xeon cores,
-  // density 0.5, warm: 64 channels at 32x32, 144 us banded against 203 with one GEMM; 256
-  // channels at 8x8, 131 with one GEMM against 147 banded).
+  // At stride 1 with more kept positions than channels (the products outweigh the weights) it
+  // also multiplies its own inputs (a GEMM each), so that its sums read its own products but at
+  // the bands' edges; else GEMMs of all of them, the threads splitting the weights (measured on 2
+  // Xeon cores, density 0.5, warm: 64 channels at 32x32, 144 us banded against 203 with one GEMM;
+  // 256 channels at 8x8, 131 with one GEMM against 147 banded).
   const int64_t bands = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * Ho));
-  std::vector<int64_t> first(static_cast<size_t>(B * H + 1), 0);  // kept positions before each input line
-  for (int64_t line = 0; line < B * H; ++line) {
-    const int32_t* r = row_of.data() + line * W;
-    first[line + 1] = first[line] + std::count_if(r, r + W, [](int32_t v) { return v >= 0; });
-  }
+  std::vector<int64_t> first(static_cast<size_t>(B * H + 1), 0);  // stride 1: kept positions before each input line
+  if (unit)
+    for (int64_t line = 0; line < B * H; ++line) {
+      const int32_t* r = row_of.data() + line * W;
+      first[line + 1] = first[line] + std::count_if(r, r + W, [](int32_t v) { return v >= 0; });
+    }
   at::Tensor rows = new_tensor({std::max<int64_t>(n, 1), C}, at::kFloat);
   at::Tensor products = new_tensor({std::max<int64_t>(n, 1), taps * Np}, at::kFloat);
   float* rp = rows.data_ptr<float>();
   const float* zp = products.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const at::Tensor weights = packed.view({C, taps * Np});
-  const bool banded = n > C;
+  const bool banded = unit && n > C;
   auto band_of = [&](int64_t t, int64_t lines) { return std::pair{t * lines / bands, (t + 1) * lines / bands}; };
   at::parallel_for(0, bands, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const auto [a, z] = band_of(t, B * H);
-      const int64_t r0 = first[a], r1 = first[z];
+      int64_t r0 = t * n / bands, r1 = (t + 1) * n / bands;  // rows in order at stride > 1
+      if (unit) {
+        const auto [a, z] = band_of(t, B * H);
+        r0 = first[a], r1 = first[z];
+      }
       if (r1 == r0) continue;
       for (int64_t r = r0; r < r1; ++r) {  // the kept inputs as rows (n, C)
         if (s1 == 1) {
@@ -995,20 +1012,31 @@ std::tuple<at::Tensor, int64_t> spatial_conv(const at::Tensor& x, const at::Tens
       }
     }
   });
-  if (!banded && n > 0) {
+  if (!banded && unit && n > 0) {
     at::Tensor all = products.narrow(0, 0, n);
     at::mm_out(all, rows.narrow(0, 0, n), weights);
   }
+  if (!unit)  // each tap times the rows of its class, into its columns of their products; the
+    // threads take whole taps (small GEMMs, each on one thread)
+    at::parallel_for(0, taps, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t cls = (t / kw * dh % sh) * sw + t % kw * dw % sw;
+        const int64_t a = class_first[cls], z = class_first[cls + 1];
+        if (z == a) continue;
+        at::Tensor part = products.narrow(0, a, z - a).narrow(1, t * Np, Np);
+        at::mm_out(part, rows.narrow(0, a, z - a), weights.narrow(1, t * Np, Np));
+      }
+    });
+  int64_t nonzero_reach = 0;  // sum over kept inputs, nonzero, of the output positions they reach
   if (count) {
-    const std::vector<int64_t> reach_y = cover(H, Ho, kh, 1, ph, dh), reach_x = cover(W, Wo, kw, 1, pw, dw);
-    for (int64_t s = 0, r = 0; s < B; ++s)
+    const std::vector<int64_t> reach_y = cover(H, Ho, kh, sh, ph, dh), reach_x = cover(W, Wo, kw, sw, pw, dw);
+    for (int64_t s = 0; s < B; ++s)
       for (int64_t iy = 0; iy < H; ++iy)
         for (int64_t ix = 0; ix < W; ++ix)
-          if (row_of[(s * H + iy) * W + ix] >= 0) {
+          if (const int64_t r = row_of[(s * H + iy) * W + ix]; r >= 0) {
             int64_t nonzero = 0;
             for (int64_t c = 0; c < C; ++c) nonzero += rp[r * C + c] != 0.0f;
             nonzero_reach += nonzero * reach_y[iy] * reach_x[ix];
-            ++r;
           }
   }
   // Each output position sums the products of the kept inputs it reads (one per tap) in its row of
@@ -1022,11 +1050,11 @@ std::tuple<at::Tensor, int64_t> spatial_conv(const at::Tensor& x, const at::Tens
           float* __restrict acc = yp + (l * Wo + ox) * n_out;
           for (int64_t o = 0; o < n_out; ++o) acc[o] = b ? b[o] : 0.0f;
           for (int64_t ty = 0; ty < kh; ++ty) {
-            const int64_t iy = oy - ph + ty * dh;
+            const int64_t iy = oy * sh - ph + ty * dh;
             if (iy < 0 || iy >= H) continue;
             const int32_t* rows_of_line = row_of.data() + (s * H + iy) * W;
             for (int64_t tx = 0; tx < kw; ++tx) {
-              const int64_t ix = ox - pw + tx * dw;
+              const int64_t ix = ox * sw - pw + tx * dw;
               if (ix < 0 || ix >= W || rows_of_line[ix] < 0) continue;
               const float* __restrict z = zp + (rows_of_line[ix] * taps + ty * kw + tx) * Np;
 #pragma omp simd
@@ -1083,8 +1111,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv_op(
 
 std::tuple<at::Tensor, at::Tensor> spatial_conv_op(const at::Tensor& x, const at::Tensor& mask,
                                                    const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                                                   int64_t ph, int64_t pw, int64_t dh, int64_t dw, bool count) {
-  auto [y, macs] = spatial_conv(x, mask, weight, bias, ph, pw, dh, dw, count);
+                                                   int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                                                   int64_t dw, bool count) {
+  auto [y, macs] = spatial_conv(x, mask, weight, bias, sh, sw, ph, pw, dh, dw, count);
   return {y, macs_tensor(macs)};
 }
 
@@ -1236,7 +1265,8 @@ TORCH_LIBRARY(selact_cpu, m) {
       "channel_conv(Tensor x, Tensor? keep, int k, Tensor? norms, Tensor weight, Tensor? bias, int sh, int sw, "
       "int ph, int pw, int dh, int dw, bool count) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "spatial_conv(Tensor x, Tensor mask, Tensor weight, Tensor? bias, int ph, int pw, int dh, int dw, bool count) "
+      "spatial_conv(Tensor x, Tensor mask, Tensor weight, Tensor? bias, int sh, int sw, int ph, int pw, int dh, int dw, "
+      "bool count) "
       "-> (Tensor, Tensor)");
 }
 
@@ -1268,9 +1298,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return py::make_tuple(y, tensor_or_none(kept), macs_or_none(macs, count));
   });
   m.def("spatial_conv", [](const at::Tensor& x, const at::Tensor& mask, const at::Tensor& weight,
-                           const c10::optional<at::Tensor>& bias, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-                           bool count) {
-    auto [y, macs] = spatial_conv(x, mask, weight, bias, ph, pw, dh, dw, count);
+                           const c10::optional<at::Tensor>& bias, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                           int64_t dh, int64_t dw, bool count) {
+    auto [y, macs] = spatial_conv(x, mask, weight, bias, sh, sw, ph, pw, dh, dw, count);
     return py::make_tuple(y, macs_or_none(macs, count));
   });
   m.def("packed", &packed_for);
@@ -1311,10 +1341,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         c.groups != 1 || !is_planned(s))
       return py::none();
     const auto mask = optional_tensor(in_mask);
-    if (mask.has_value() && is_spatial_mask(*mask, THPVariable_Unpack(x.ptr()))) {  // planned: stride 1
+    if (mask.has_value() && is_spatial_mask(*mask, THPVariable_Unpack(x.ptr()))) {
       auto [y, macs] = spatial_conv(THPVariable_Unpack(x.ptr()), *mask, THPVariable_Unpack(weight.ptr()),
-                                    optional_tensor(bias), c.padding[0], c.padding[1], c.dilation[0], c.dilation[1],
-                                    count);
+                                    optional_tensor(bias), c.stride[0], c.stride[1], c.padding[0], c.padding[1],
+                                    c.dilation[0], c.dilation[1], count);
       return py::make_tuple(y, macs_or_none(macs, count));
     }
     auto [y, kept, macs] = channel_conv(THPVariable_Unpack(x.ptr()), mask, 0, c10::nullopt,
