@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from selact import mgemm
 
@@ -57,6 +59,96 @@ def test_triton_linear_matches_reference(rows, k, n, kind, dtype):
     assert y.dtype == dtype and y.shape == expected.shape
     torch.testing.assert_close(y.float(), expected.float(), rtol=TOL[dtype], atol=TOL[dtype])
     assert int(macs) == int(expected_macs)
+
+
+CONV_CASES = [  # batch, C in, C out, H, W, kernel, stride, padding, dilation, mask kind
+    (2, 20, 17, 7, 6, 3, 1, 1, 1, "sample"),  # a mask per sample, odd sizes: partial tiles
+    (1, 9, 40, 9, 9, 3, 2, 1, 1, "sample"),  # stride 2, one sample
+    (3, 12, 8, 5, 7, 1, 1, 0, 1, "shared"),  # 1x1, one mask for every sample
+    (1, 8, 6, 8, 8, (3, 2), (1, 2), (2, 0), (2, 1), "sample"),  # uneven kernel, stride, dilation
+    (2, 16, 16, 4, 4, 3, 1, 1, 1, "empty"),  # the bias alone
+    (2, 16, 16, 4, 4, 3, 1, 1, 1, "full"),
+    (2, 40, 24, 5, 5, 3, 1, 1, 1, "drop_sample"),  # (B, 1, 1, 1): one sample dropped whole
+]
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize(
+    ("case", "channels_last"), [(c, False) for c in CONV_CASES] + [(CONV_CASES[0], True)]
+)
+def test_triton_conv2d_matches_reference(case, channels_last, dtype):
+    """The channel-masked implicit-GEMM convolution against the reference: output, its memory
+    format (the input's), and the MACs."""
+    batch, c_in, c_out, h, w_, k, stride, padding, dilation, kind = case
+    kh, kw = k if isinstance(k, tuple) else (k, k)
+    g = torch.Generator().manual_seed(batch * 100 + c_in)
+    x = torch.randn(batch, c_in, h, w_, generator=g).clamp_min(-0.2)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.to(DEVICE, dtype)
+    w = (torch.randn(c_out, c_in, kh, kw, generator=g) / (c_in * kh * kw) ** 0.5).to(DEVICE, dtype)
+    b = torch.randn(c_out, generator=g).to(DEVICE, dtype)
+    mask = {
+        "sample": lambda: torch.rand(batch, c_in, 1, 1, generator=g) < 0.5,
+        "shared": lambda: torch.rand(1, c_in, 1, 1, generator=g) < 0.5,
+        "empty": lambda: torch.zeros(batch, c_in, 1, 1, dtype=torch.bool),
+        "full": lambda: torch.ones(batch, c_in, 1, 1, dtype=torch.bool),
+        "drop_sample": lambda: torch.tensor([True, False]).reshape(2, 1, 1, 1),
+    }[kind]().to(DEVICE)
+    args = (stride, padding, dilation)
+    y, macs = mgemm.conv2d(x, w, b, *args, in_mask=mask, backend="triton")
+    expected, expected_macs = mgemm.conv2d(x, w, b, *args, in_mask=mask, backend="reference")
+    assert y.dtype == dtype and y.shape == expected.shape
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(y.float(), expected.float(), rtol=TOL[dtype], atol=TOL[dtype])
+    assert int(macs) == int(expected_macs)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    c_in=st.integers(1, 24),
+    c_out=st.integers(1, 40),
+    size=st.tuples(st.integers(1, 8), st.integers(1, 8)),
+    kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    shared=st.booleans(),
+    density=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
+    dtype=st.sampled_from(list(TOL)),
+    seed=st.integers(0, 2**16),
+)
+def test_triton_conv2d_on_random_cases(
+    batch, c_in, c_out, size, kernel, stride, padding, dilation, shared, density, dtype, seed
+):
+    """Random shapes, geometries, channel masks (per sample or shared; empty to full) and
+    dtypes, against the reference."""
+    geometry = zip(size, padding, dilation, kernel, strict=True)
+    if any(s + 2 * p - d * (k - 1) < 1 for s, p, d, k in geometry):
+        return  # no output position
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, c_in, *size, generator=g).clamp_min(-0.2).to(DEVICE, dtype)
+    fan_in = c_in * kernel[0] * kernel[1]
+    w = (torch.randn(c_out, c_in, *kernel, generator=g) / fan_in**0.5).to(DEVICE, dtype)
+    b = torch.randn(c_out, generator=g).to(DEVICE, dtype)
+    mask = (torch.rand(1 if shared else batch, c_in, 1, 1, generator=g) < density).to(DEVICE)
+    args = (stride, padding, dilation)
+    y, macs = mgemm.conv2d(x, w, b, *args, in_mask=mask, backend="triton")
+    expected, expected_macs = mgemm.conv2d(x, w, b, *args, in_mask=mask, backend="reference")
+    torch.testing.assert_close(y.float(), expected.float(), rtol=TOL[dtype], atol=TOL[dtype])
+    assert int(macs) == int(expected_macs)
+
+
+def test_triton_conv2d_declines_what_it_cannot_serve():
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    positions = torch.rand(1, 1, 5, 5) < 0.5
+    for case, words in [
+        (mgemm.conv2d_case(x, w, in_mask=positions), "channel or batch-shared"),
+        (mgemm.conv2d_case(x, w), "without a mask"),
+        (mgemm.conv2d_case(x, torch.randn(6, 2, 3, 3), groups=2), "ungrouped"),
+    ]:
+        assert words in mgemm.why_not("triton", case)
 
 
 def test_interpreted_triton_is_never_chosen_automatically():

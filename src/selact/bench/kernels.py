@@ -125,9 +125,11 @@ def gpu_cases(quick: bool = False) -> list[KernelCase]:
         for d in (0.5, 0.25)
     ]
     cases += [
-        KernelCase("conv2d", 1, (256, 256, 32, 32, 3, 1), torch.bfloat16, "channel", d)
+        KernelCase("conv2d", batch, (256, 256, 32, 32, 3, 1), torch.bfloat16, "channel", d)
+        for batch in (1, 16)
         for d in (0.5, 0.25)
     ]
+    cases += [KernelCase("conv2d", 1, (64, 64, 32, 32, 3, 1), torch.bfloat16, "channel", 0.5)]
     return cases
 
 

@@ -1,7 +1,10 @@
-"""The ``triton`` backend: sparse-input linear layers on the GPU (kernels in triton_kernels.py).
+"""The ``triton`` backend: sparse-input linear layers and channel-masked convolutions on the GPU
+(kernels in triton_kernels.py).
 
 Serves ``linear`` with an input mask (per-row for up to :data:`MAX_ROWS` rows, or shared by all
-rows, any batch) or with an output mask alone; float32, float16, bfloat16; inference only. With
+rows, any batch) or with an output mask alone, and ``conv2d`` with channel or batch-shared masks
+(ungrouped, any size, stride, padding and dilation; only when named until it has been timed
+against cuDNN on a GPU); float32, float16, bfloat16; inference only. With
 ``TRITON_INTERPRET=1`` (how CI runs it, on the CPU) it also takes CPU tensors, but only when
 asked for by name: the interpreter is far slower than the reference.
 """
@@ -14,7 +17,7 @@ import os
 
 import torch
 
-from selact.mgemm.counting import linear_macs
+from selact.mgemm.counting import conv2d_macs, linear_macs
 from selact.mgemm.registry import Backend, Case, register_backend
 from selact.mgemm.weights import derived
 
@@ -66,7 +69,24 @@ def linear(x, weight, bias=None, *, in_mask=None, out_mask=None, count=True):
     return y, linear_macs(kept, out_mask, n)
 
 
+def conv2d(
+    x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, in_mask=None, count=True
+):
+    keep = in_mask.expand(in_mask.shape[0], x.shape[1], 1, 1).reshape(in_mask.shape[0], -1)
+    geometry = tuple(_pair(v) for v in (stride, padding, dilation))
+    y = _kernels().channel_conv2d(x, keep.contiguous(), weight, bias, *geometry)
+    if not count:
+        return y, None
+    return y, conv2d_macs((x != 0) & in_mask, weight.shape, stride, padding, dilation, groups)
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, tuple | list) else (value, value)
+
+
 def _check(case: Case) -> str | None:
+    if case.op == "conv2d":
+        return _check_conv(case)
     in_mask, out_mask = case.shapes["in_mask"], case.shapes["out_mask"]
     if in_mask is None and out_mask is None:
         return "without a mask the dense GEMM is faster"
@@ -79,14 +99,28 @@ def _check(case: Case) -> str | None:
     return _unavailable()
 
 
+def _check_conv(case: Case) -> str | None:
+    mask = case.shapes["in_mask"]
+    _, padding, _, groups = case.shapes["params"]
+    if groups != (1,) or isinstance(padding, str):
+        return "it takes ungrouped convolutions with numeric padding"
+    if mask is None:
+        return "without a mask the dense convolution is faster"
+    if len(mask) != 4 or mask[2:] != (1, 1):
+        return "it takes channel or batch-shared masks only"
+    return _unavailable()
+
+
 register_backend(
     Backend(
         name="triton",
         devices=frozenset({"cuda", "cpu"} if INTERPRETING else {"cuda"}),
         dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
-        ops={"linear": linear},
+        ops={"linear": linear, "conv2d": conv2d},
         priority=20,
         auto_devices=frozenset({"cuda"}),
+        # not yet timed on a GPU against cuDNN on the masked input (the reference): named only
+        named_only_ops=frozenset({"conv2d"}),
         check=_check,
         differentiable=False,
     )

@@ -10,6 +10,10 @@
   that reads each kept weight row once per block of rows.
 - :func:`out_masked_linear`: ``y = M_out ⊙ (x Wᵀ + b)``; tiles whose mask is all zero skip their
   products.
+- :func:`channel_conv2d`: a convolution over each sample's kept input channels (channel or
+  batch-shared masks) as an implicit GEMM: (output positions x outputs) tiles, walking the listed
+  kept channels tap by tap with ``tl.dot``; no im2col, no gathered copy of the input or the
+  weights, and no host sync (the gather route's ``nonzero`` waits for the GPU).
 
 Both input-masked products also have a *listed* form: :func:`_kept_rows_kernel` first writes the
 indices of the kept inputs (a prefix sum of the mask), and the product then walks that list, so
@@ -35,6 +39,8 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
+
+from selact.mgemm.weights import derived
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 log = logging.getLogger(__name__)
@@ -94,6 +100,17 @@ OUT_TILES = [
     Tiles(64, 32, block_m=32),
     *(Tiles(n, k, block_m=m, num_warps=w, num_stages=3) for m, n, k, w in [
         (64, 64, 32, 4), (64, 128, 64, 4), (128, 128, 32, 8), (128, 64, 64, 4), (128, 128, 64, 8),
+    ]),
+]  # fmt: skip
+
+#: Channel-masked convolution tiles: block_m output positions x block_n outputs, block_k kept
+#: channels per step (each tap in turn).
+CONV_TILES = [
+    Tiles(32, 16, block_m=32),
+    *(Tiles(n, k, block_m=m, num_warps=w, num_stages=st) for m, n, k, w, st in [
+        (32, 32, 32, 4, 2), (32, 64, 32, 4, 3), (64, 32, 32, 4, 3), (64, 64, 32, 4, 3),
+        (64, 64, 64, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
+        (128, 64, 64, 8, 3), (64, 128, 64, 8, 3),
     ]),
 ]  # fmt: skip
 
@@ -364,6 +381,56 @@ def _out_masked_kernel(
     )
 
 
+@triton.jit
+def _channel_conv_kernel(
+    x_ptr, idx_ptr, count_ptr, wt_ptr, b_ptr, y_ptr, C, H, W, N, Ho, Wo, stride_xb, stride_xc,
+    stride_xh, stride_xw, stride_yb, stride_yn, stride_yh, stride_yw, PER_SAMPLE: tl.constexpr,
+    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr,
+    DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One (positions, outputs) tile of sample ``b``: the sum over taps and over the listed kept
+    channels (``idx`` row ``b``, or row 0 for a shared mask) of input tile times weight tile."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < Ho * Wo
+    n_ok = offs_n < N
+    oy = offs_m // Wo
+    ox = offs_m % Wo
+    row = b * PER_SAMPLE
+    idx_row = idx_ptr + row * C
+    count = tl.load(count_ptr + row)
+    x_sample = x_ptr + b * stride_xb
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in tl.static_range(KH * KW):
+        iy = oy * SH - PH + (tap // KW) * DH
+        ix = ox * SW - PW + (tap % KW) * DW
+        at = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)  # padding reads nothing
+        x_at = x_sample + iy * stride_xh + ix * stride_xw
+        w_tap = wt_ptr + tap * C * N + offs_n[None, :]
+        for c0 in range(0, count, BLOCK_K):
+            offs_c = c0 + tl.arange(0, BLOCK_K)
+            c_ok = offs_c < count
+            cs = tl.load(idx_row + offs_c, mask=c_ok, other=0)
+            xv = tl.load(
+                x_at[:, None] + cs[None, :] * stride_xc, mask=at[:, None] & c_ok[None, :], other=0.0
+            )
+            w = tl.load(w_tap + cs[:, None] * N, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            acc += tl.dot(xv, w, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    ptrs = (
+        y_ptr
+        + b * stride_yb
+        + (oy * stride_yh + ox * stride_yw)[:, None]
+        + offs_n[None, :] * stride_yn
+    )
+    tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
 def _split_output(x2: torch.Tensor, r: int, n: int, tiles: Tiles):
     """The output and the buffer the kernel writes: ``y`` itself, or float32 partial sums."""
     y = x2.new_empty(r, n)
@@ -478,3 +545,42 @@ def out_masked_linear(x2, weight, bias, out_mask):
         return y
 
     return launch(_pick(_key("out", x2, weight), OUT_TILES, launch))
+
+
+def channel_conv2d(x, keep, weight, bias, stride, padding, dilation):
+    """The convolution of ``x`` (B, C, H, W) over each sample's kept channels: ``keep`` (B, C) or
+    (1, C) bool (one mask for every sample). ``stride``, ``padding``, ``dilation``: pairs. The
+    output has ``x``'s memory format (contiguous or channels-last)."""
+    batch, c, h, w_ = x.shape
+    n, _, kh, kw = weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    # (taps * C, N): the weights of tap t and channel c in row t * C + c, contiguous over N
+    wt = derived(
+        weight, "taps_channels_outputs", lambda v: v.permute(2, 3, 1, 0).reshape(-1, n).contiguous()
+    )
+    m = keep.view(torch.uint8)
+    idx, count = _kept_rows(m, m, m.shape[0], m.stride(0), has_mask=True, skip_zeros=False)
+    y = torch.empty(
+        batch, n, ho, wo, dtype=x.dtype, device=x.device, memory_format=_memory_format(x)
+    )
+
+    def launch(tiles: Tiles) -> torch.Tensor:
+        grid = (triton.cdiv(ho * wo, tiles.block_m), triton.cdiv(n, tiles.block_n), batch)
+        _channel_conv_kernel[grid](
+            x, idx, count, wt, bias if bias is not None else x, y, c, h, w_, n, ho, wo,
+            *x.stride(), *y.stride(), PER_SAMPLE=int(keep.shape[0] > 1),
+            SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw, KH=kh, KW=kw, HAS_BIAS=bias is not None,
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+            **_launch_options(tiles),
+        )  # fmt: skip
+        return y
+
+    key = ("conv", x.device.index, x.dtype, *x.shape, *weight.shape, stride, padding, dilation)
+    return launch(_pick((*key, keep.shape[0] > 1), CONV_TILES, launch))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
