@@ -4,6 +4,11 @@ no GPU (``TRITON_INTERPRET=1``, set in conftest.py). The interpreter is slow and
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -206,3 +211,17 @@ def test_forget_tuning_makes_the_next_call_choose_again(monkeypatch):
     assert triton_kernels._pick(("rows", 1), [first], picked.append) == second  # remembered
     triton_kernels.forget_tuning()
     assert triton_kernels._pick(("rows", 1), [first, second], picked.append) == first
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the kernels compile for it in every test")
+def test_every_kernel_compiles_for_a_hopper_gpu():
+    """The interpreter checks what the kernels compute, not that they lower for a GPU: compile
+    each (its variants) for sm_90 with Triton's ptxas, as scripts/compile_triton.py does."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).parent.parent / "scripts" / "compile_triton.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--arch", "90", "--dtype", "bf16"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("bytes of shared memory") == 7
