@@ -166,6 +166,14 @@ def test_frontier_needs_three_seeds_and_names_lower_candidates():
     again = [dense, *(row("sapi", 0.33, 0, 0.899) for _ in range(3))]
     assert frontier(summarize(again), "m", "sapi", 0.003, min_seeds=3) is None
     assert "3 seeds): no fine-tuned setting qualifies" in markdown(again)
+    assert "Rows from several runs" not in text
+    # Rows merged from two runs (a GPU sweep, then a fine-tuning on the CPU) name both runs.
+    gpu = {"hardware": "GPU", "commit": "aaaa", "command": "selact sweep --device cuda"}
+    cpu = {"hardware": "CPU", "commit": "bbbb", "command": "selact sweep --device cpu"}
+    merged = markdown([{**r, **gpu} for r in rows[:-1]] + [{**rows[-1], **cpu}])
+    assert "Rows from several runs" in merged
+    assert "- 4 rows: Scale `None`, GPU, commit `aaaa`" in merged
+    assert "- 1 row: Scale `None`, CPU, commit `bbbb`" in merged
 
 
 def test_smoke_never_writes_results(tmp_path):

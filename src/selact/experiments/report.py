@@ -169,6 +169,26 @@ def _described(group: Group, dense: Group) -> str:
     )
 
 
+def _provenance(rows: Sequence[dict[str, Any]]) -> str:
+    """Where a model's rows come from: one line for one run, else a line per run (scale,
+    hardware, commit, date and command differ between runs merged into one report)."""
+
+    def run(r: dict[str, Any]) -> str:
+        return (
+            f"Scale `{r.get('scale')}`, {r.get('hardware')}, commit "
+            f"`{str(r.get('commit'))[:12]}`, {r.get('date', '')[:10]}. "
+            f"Command: `{r.get('command') or 'selact sweep'}`."
+        )
+
+    runs: dict[str, int] = {}
+    for r in rows:
+        runs[run(r)] = runs.get(run(r), 0) + 1
+    if len(runs) == 1:
+        return f"{next(iter(runs))}\n"
+    lines = [f"- {n} row{'s' if n > 1 else ''}: {text}" for text, n in runs.items()]
+    return "Rows from several runs:\n\n" + "\n".join(lines) + "\n"
+
+
 def markdown(rows: Sequence[dict[str, Any]], *, tolerance: dict[str, float] | None = None) -> str:
     """A Markdown section per model: the dense baseline, every group, the frontier."""
     tolerance = tolerance or {}
@@ -177,13 +197,8 @@ def markdown(rows: Sequence[dict[str, Any]], *, tolerance: dict[str, float] | No
     for model in dict.fromkeys(g.model for g in groups):
         mine = [g for g in groups if g.model == model]
         dense = _dense(mine, model)
-        first = mine[0].rows[0]
         parts.append(f"### {model}\n")
-        parts.append(
-            f"Scale `{first.get('scale')}`, {first.get('hardware')}, commit "
-            f"`{str(first.get('commit'))[:12]}`, {first.get('date', '')[:10]}. "
-            f"Command: `{first.get('command') or 'selact sweep'}`.\n"
-        )
+        parts.append(_provenance([r for g in mine for r in g.rows]))
         if dense is not None:
             d = dense.rows[0]
             epochs = d.get("dense_epochs_done")
