@@ -146,6 +146,33 @@ def test_triton_conv2d_on_random_cases(
     assert int(macs) == int(expected_macs)
 
 
+def test_selective_cnn_on_the_triton_backend_equals_the_reference():
+    """A converted CNN (SAPI, channel masks; strides 1 and 2, a 1x1) asked to run on the
+    ``triton`` backend gives the reference backend's outputs and MAC counts."""
+    import copy
+
+    import selact
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 24, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(24, 8, 1),
+    ).eval().to(DEVICE)  # fmt: skip
+    x = torch.randn(2, 3, 9, 9, device=DEVICE)
+    results = []
+    for backend in ("triton", "reference"):
+        converted = selact.sparsify(
+            copy.deepcopy(model), strategy="sapi", density=0.5, granularity="channel",
+            backend=backend,
+        )  # fmt: skip
+        with torch.no_grad():
+            y = converted(x)
+        results.append((y, [s.executed_macs for s in selact.stats(converted).layers.values()]))
+    (y, macs), (expected, expected_macs) = results
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    assert macs == expected_macs
+
+
 def test_triton_conv2d_declines_what_it_cannot_serve():
     x, w = torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3)
     positions = torch.rand(1, 1, 5, 5) < 0.5
