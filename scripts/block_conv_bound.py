@@ -2,7 +2,7 @@
 
 A ``block`` mask keeps or drops G consecutive channels at each position, so every position keeps
 its own channels: neither the channel kernel (one channel set per sample) nor the spatial one
-(whole positions) applies. The cheapest form known to us is the scatter form of the spatial
+(whole positions) applies. The form measured is the scatter form of the spatial
 kernel, per channel block: the inputs of the positions that keep block g, (n_g, G), times that
 block's weights viewed as (G, taps · N) (one GEMM, MKL), then each output sums the products that
 reach it. Its GEMMs alone do exactly the kept multiply-accumulates, with an inner dimension of G;
@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,24 +25,9 @@ import torch.nn.functional as F
 
 from selact._files import atomic_write_text
 from selact.bench.report import context
+from selact.bench.timing import median_ms
 
 LAYERS = [(64, 32), (256, 8)]  # (channels in = out, size): the issue's 3x3 convolutions
-
-
-def _median_ms(routes: dict, reps: int, seed: int) -> dict[str, float]:
-    """Each route's median time (ms), the routes taking turns in an order shuffled every round
-    (as `selact bench` times them), so that drifts of the machine reach all of them alike."""
-    rng = random.Random(seed)
-    names = list(routes)
-    times = {name: [] for name in names}
-    for round_ in range(reps + 10):
-        rng.shuffle(names)
-        for name in names:
-            start = time.perf_counter()
-            routes[name]()
-            if round_ >= 10:  # warm-up rounds
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def measure(channels: int, size: int, density: float, block: int, reps: int, seed: int) -> dict:
@@ -69,8 +51,9 @@ def measure(channels: int, size: int, density: float, block: int, reps: int, see
         for a, wt, out in zip(inputs, weights, products, strict=True):
             torch.mm(a, wt, out=out)
 
-    ms = _median_ms({"dense": lambda: F.conv2d(x, w, bias, padding=1), "gemms": gemms}, reps, seed)
-    dense_ms, gemm_ms = ms["dense"], ms["gemms"]  # dense as `selact bench` times it
+    # interleaved, as `selact bench` times its routes (one mask here, the data in cache: a bound)
+    ms = median_ms({"dense": [lambda: F.conv2d(x, w, bias, padding=1)], "gemms": [gemms]}, reps)
+    dense_ms, gemm_ms = ms["dense"], ms["gemms"]
     return {
         "layer": f"{channels}->{channels} 3x3 @ {size}x{size}",
         "block": block,
