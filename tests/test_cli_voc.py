@@ -30,14 +30,14 @@ def test_voc_commands_smoke(tmp_path):
     predictions = tmp_path / "preds.pt"
     result = runner.invoke(app, ["eval", *common, "--predictions", str(predictions)])
     assert result.exit_code == 0, result.output
-    row = json.loads(result.output)
+    row = json.loads(result.stdout)  # warnings and logs go to stderr
     assert row["strategy"] == "dense" and row["executed_mac_fraction"] == 1.0
     blob = torch.load(predictions, weights_only=True)
     assert len(blob["predictions"]) == len(blob["targets"]) == 4
     args = ["--strategy", "sapw", "--layers", "attn_linear", "--density", "0.5"]
     result = runner.invoke(app, ["finetune", *common, *args, "--epochs", "1"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["finetune_epochs"] == 1
+    assert json.loads(result.stdout)["finetune_epochs"] == 1
     out = tmp_path / "out" / "det.json"
     result = runner.invoke(app, ["sweep", *common, "--out", str(out)])
     assert result.exit_code == 0, result.output
