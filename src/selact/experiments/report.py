@@ -15,6 +15,7 @@ import json
 import math
 import os
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -180,9 +181,7 @@ def _provenance(rows: Sequence[dict[str, Any]]) -> str:
             f"Command: `{r.get('command') or 'selact sweep'}`."
         )
 
-    runs: dict[str, int] = {}
-    for r in rows:
-        runs[run(r)] = runs.get(run(r), 0) + 1
+    runs = Counter(run(r) for r in rows)
     if len(runs) == 1:
         return f"{next(iter(runs))}\n"
     lines = [f"- {n} row{'s' if n > 1 else ''}: {text}" for text, n in runs.items()]
