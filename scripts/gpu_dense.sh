@@ -10,7 +10,11 @@
 #   bash scripts/gpu_dense.sh ARCHIVE [TOTAL_SECONDS]     (default 560: inside a 600-second call)
 # Environment: OUT (default runs/gpu-dense); MODELS (default "resnet20 vgg16 vit"); SHARE_<model>:
 #   its share of the time (defaults: ResNet-20 0.2, VGG-16 0.35, ViT 0.45); SWEEP_ARGS: extra
-#   `selact sweep` options (a CPU dry run: MODELS=small_cnn SWEEP_ARGS="--smoke --device cpu").
+#   `selact sweep` options (a CPU dry run: MODELS=small_cnn SWEEP_ARGS="--smoke --device cpu");
+#   RETURN_MODELS (default: MODELS): the models whose checkpoints come back (the device returns
+#   64 MiB in all: VGG-16's 59 MB leaves little room for anything else).
+# Time: each model gets its share of the time left when it starts, among the models still to run
+#   (time a model leaves unused goes to the next ones).
 # Writes to $OUT (at most 8 files, the device's return limit): rows.json (every model's rows),
 #   summary.md, log.txt, and dense.tar.part-aa, -ab, ...: the dense checkpoints with their
 #   sidecars (<model>/dense/model.safetensors, model.json) in parts of 15 MB (VGG-16 alone is
@@ -50,11 +54,13 @@ for split in ('train', 'test'):
 } >> "$LOG" 2>&1
 
 KEEP=40  # seconds kept at the end: merging the rows, the report, the archive
-AVAILABLE=$(( TOTAL - $(elapsed) - KEEP ))
+TO_RUN=($MODELS)
 for MODEL in $MODELS; do
-  BUDGET=$(python -c "print(int($AVAILABLE * $(share "$MODEL")))")
+  TO_RUN=("${TO_RUN[@]:1}")
+  SHARES=$(share "$MODEL")
+  for LATER in "${TO_RUN[@]}"; do SHARES="$SHARES, $(share "$LATER")"; done
   LEFT=$(( TOTAL - $(elapsed) - KEEP ))
-  [ "$BUDGET" -gt "$LEFT" ] && BUDGET=$LEFT
+  BUDGET=$(python -c "shares = [$SHARES]; print(int($LEFT * shares[0] / sum(shares)))")
   if [ "$BUDGET" -lt 30 ]; then
     echo "$MODEL: skipped, ${LEFT}s left" >> "$LOG"
     continue
@@ -82,7 +88,7 @@ EOF
 timeout 30 python -m selact report "$OUT/rows.json" --md "$OUT/summary.md" >> "$LOG" 2>&1 \
   || echo "report failed (rerun: selact report $OUT/rows.json)" >> "$LOG"
 FILES=()
-for MODEL in $MODELS; do
+for MODEL in ${RETURN_MODELS:-$MODELS}; do
   [ -f "$RUNS/$MODEL/dense/model.safetensors" ] \
     && FILES+=("$MODEL/dense/model.safetensors" "$MODEL/dense/model.json")
 done
