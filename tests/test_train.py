@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,57 @@ def test_time_limit_stops_early_and_ends_the_schedule(tmp_path):
     assert result.history[-1]["lr"] < 0.3 * CONFIG.lr  # the decay ran (the last step is near 1)
 
 
+def test_time_limit_counts_evaluations_and_holds_back_the_final_one(tmp_path, monkeypatch):
+    """The limit is the run's wall time: a slow evaluation leaves fewer seconds for training,
+    and the time of the final evaluation (val and test here) is held back."""
+    import selact.train.loop as loop
+
+    pause, limit = 0.2, 3.0
+    real = loop.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(pause)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", slow_evaluate)
+    config = CONFIG.replace(epochs=10_000, time_limit=limit, eval_every=1)
+    start = time.perf_counter()
+    result = fit(create_task("toy"), _net(), config, run_dir=tmp_path, progress=False)
+    took = time.perf_counter() - start
+    evaluations = sum(config.eval_split in h for h in result.history)
+    trained = sum(h["seconds"] for h in result.history)
+    assert 0 < result.info["epochs_done"] < config.epochs
+    assert trained + pause * evaluations <= limit  # periodic evaluations took from training
+    assert took < limit + 2 * pause  # the final val and test were foreseen, not added on top
+
+
+def test_checkpoint_seconds_spaces_the_training_states(tmp_path):
+    task = create_task("toy")
+    seen = []
+
+    def look(epoch, record):
+        seen.append((tmp_path / "last.json").is_file())
+
+    fit(task, _net(), CONFIG.replace(epochs=4, checkpoint_seconds=3600.0), run_dir=tmp_path,
+        progress=False, on_epoch_end=look)  # fmt: skip
+    assert seen == [False, False, False, True]  # only the last epoch's state, within an hour
+    assert json.loads((tmp_path / "last.json").read_text())["epoch"] == 4
+    with pytest.raises(ValueError, match="checkpoint_seconds"):
+        CONFIG.replace(checkpoint_seconds=-1.0)
+
+
+def test_recorded_config_matches_with_fields_added_since():
+    config = TrainConfig(epochs=3, lr=0.1)
+    recorded = config.to_dict()
+    assert config.matches(recorded)
+    older = {k: v for k, v in recorded.items() if k != "checkpoint_seconds"}  # default 0
+    assert config.matches(older)
+    assert not config.replace(checkpoint_seconds=60.0).matches(older)
+    assert not config.matches({**recorded, "epochs": 4})
+    assert not config.matches({**recorded, "unknown": 1})
+    assert not config.matches(None)
+
+
 def test_mask_aware_finetuning_keeps_configs_and_distils(tmp_path):
     task = create_task("toy")
     dense = fit(task, _net(), CONFIG, progress=False).model
@@ -243,10 +295,12 @@ def test_ddp_with_gloo_on_two_cpu_processes(tmp_path, tmp_path_factory):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_port", str(_free_port()), "-m", "selact", "train", "--task", "cifar10",
         "--model", "small_cnn", "--smoke", "--data", str(SHARED_DATA), "--device", "cpu",
-        "--run-dir", str(tmp_path / "run"), "--no-progress",
+        "--run-dir", str(tmp_path / "run"), "--no-progress", "--epochs", "10000",
+        "--time-limit", "8",
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     side = read_sidecar(tmp_path / "run" / "model.safetensors")
     assert side["world_size"] == 2
+    assert 0 < side["epochs_done"] < 10000  # both ranks stopped at rank 0's step
     assert math.isfinite(side["metrics"]["test"]["top1"])

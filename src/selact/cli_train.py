@@ -133,7 +133,12 @@ def train(
     ema: Annotated[float | None, typer.Option(help="EMA decay per step (0: off).")] = None,
     amp: Annotated[str | None, typer.Option(help="auto, bf16, fp16 or off.")] = None,
     time_limit: Annotated[
-        float | None, typer.Option(help="Stretch the schedule over this many seconds.")
+        float | None,
+        typer.Option(help="Stretch the schedule over this many seconds (evaluations included)."),
+    ] = None,
+    checkpoint_seconds: Annotated[
+        float | None,
+        typer.Option(help="Write the training state at most once per this many seconds."),
     ] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the training model.")] = False,
     cuda_graph: Annotated[
@@ -164,6 +169,7 @@ def train(
         ema=ema,
         amp=amp,
         time_limit=time_limit,
+        checkpoint_seconds=checkpoint_seconds,
         compile=compile or None,
         cuda_graph=cuda_graph,
         seed=seed,

@@ -207,17 +207,6 @@ def _finetune_config(config: SweepConfig) -> TrainConfig:
     )
 
 
-def _same_config(stored: dict[str, Any] | None, config: TrainConfig) -> bool:
-    """Whether a checkpoint's recorded config is ``config``; fields added to TrainConfig after
-    the checkpoint was written match when ``config`` has their default value."""
-    if not isinstance(stored, dict):
-        return False
-    defaults = TrainConfig().to_dict()
-    return all(
-        stored.get(key, defaults[key]) == value for key, value in config.to_dict().items()
-    ) and set(stored) <= set(defaults)
-
-
 def _new_model(task, config: SweepConfig) -> nn.Module:
     torch.manual_seed(config.seed)
     return create_model("det", **task.model_kwargs())
@@ -234,7 +223,7 @@ def train_dense(
     model = _new_model(task, config)
     if checkpoint.is_file():
         info = read_sidecar(checkpoint)
-        if _same_config(info.get("config"), train_config):
+        if train_config.matches(info.get("config")):
             model, info = load_model(model, checkpoint)
             log.info("dense detector: loaded %s", checkpoint)
             return model.to(task.device), checkpoint, info
@@ -299,7 +288,7 @@ def _evaluate_row(
         ft_config = _finetune_config(config)
         checkpoint = run_dir / "model.safetensors"
         info = read_sidecar(checkpoint) if checkpoint.is_file() else {}
-        if _same_config(info.get("config"), ft_config):
+        if ft_config.matches(info.get("config")):
             model, info = load_model(copy.deepcopy(dense), checkpoint)
         else:
             if row.layers == "none":

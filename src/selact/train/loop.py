@@ -18,8 +18,9 @@ What the loop provides for every task:
   three trainings it did not shorten their epochs: the GPU itself was the limit there);
 - an EMA of the weights (``ema`` > 0): at the end, the EMA or the raw weights, whichever is
   better on the validation split, is evaluated and saved;
-- a training state after every ``checkpoint_every`` epochs (``run_dir/last.safetensors``) and a
-  final model checkpoint (``run_dir/model.safetensors``), both with JSON sidecars; with
+- a training state after every ``checkpoint_every`` epochs, at most once per
+  ``checkpoint_seconds`` (``run_dir/last.safetensors``), and a final model checkpoint
+  (``run_dir/model.safetensors``), both with JSON sidecars; with
   ``resume=True`` a run picks up from its last state and ends exactly as an uninterrupted run
   (the data order and augmentation of each epoch depend only on the seed and the epoch);
 - DDP under ``torchrun`` (NCCL on CUDA, gloo on the CPU): each rank trains on its share of every
@@ -97,9 +98,14 @@ class TrainConfig:
     eval_split: str = "val"
     eval_batch_size: int = 1000
     checkpoint_every: int = 1  # write the training state every this many epochs (0: never)
-    # With a time limit the schedules run on max(step / total steps, training seconds / limit)
-    # and training stops when that reaches 1: ``epochs`` becomes a maximum. The result then
-    # depends on the machine's speed; the sidecar records the epochs actually done.
+    checkpoint_seconds: float = 0.0  # ... and at most once per this many seconds (the last
+    # epoch's state is always written): on a GPU, where an epoch takes a second, writing every
+    # epoch would cost as much as training (VGG-16: 0.5 s a state)
+    # With a time limit the schedules run on max(step / total steps, seconds / limit) and
+    # training stops when that reaches 1: ``epochs`` becomes a maximum. The seconds are the run's
+    # wall time, evaluations and checkpoints included, and the final evaluation's expected time
+    # (from the periodic evaluations) is held back, so that ``fit`` returns within the limit. The
+    # result depends on the machine's speed; the sidecar records the epochs actually done.
     time_limit: float | None = None
     # Mask-aware fine-tuning (models converted by selact.sparsify):
     density_schedule: str = "constant"  # "constant", or "linear"/"cosine" from 1.0 to target
@@ -122,12 +128,25 @@ class TrainConfig:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if self.checkpoint_seconds < 0:
+            raise ValueError(f"checkpoint_seconds must be >= 0, got {self.checkpoint_seconds}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def replace(self, **fields: Any) -> TrainConfig:
         return dataclasses.replace(self, **fields)
+
+    def matches(self, recorded: Any) -> bool:
+        """Whether a checkpoint's recorded config (a dict) is this one; fields added to
+        TrainConfig after the checkpoint was written match when this config has their
+        default."""
+        if not isinstance(recorded, dict):
+            return False
+        defaults = TrainConfig().to_dict()
+        return set(recorded) <= set(defaults) and all(
+            recorded.get(key, defaults[key]) == value for key, value in self.to_dict().items()
+        )
 
 
 @dataclasses.dataclass
@@ -296,6 +315,66 @@ def _graph_agrees(model: nn.Module, x: torch.Tensor, config: TrainConfig, device
     return all((a - b).norm() <= 0.02 * b.norm() + 1e-6 for a, b in zip(*results, strict=True))
 
 
+class _RunClock:
+    """A run's wall time against ``config.time_limit`` (see TrainConfig): steps, evaluations and
+    checkpoints all count, and ``final_evals`` times the last periodic evaluation's duration is
+    held back for the evaluation after the last epoch. Under DDP rank 0's clock decides for
+    every rank, so that all stop at the same step."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        spent: float,
+        final_evals: float,
+        world: int,
+        device: torch.device,
+    ) -> None:
+        self.limit = config.time_limit
+        self.spent = spent  # by earlier processes of a resumed run
+        self.final_evals = final_evals
+        self.world, self.device = world, device
+        self.start = self.last_checkpoint = time.perf_counter()
+        self.eval_seconds = 0.0
+
+    def elapsed(self) -> float:
+        return self.spent + time.perf_counter() - self.start
+
+    def progress(self) -> float:
+        """The fraction of the time limit used, the final evaluation's time held back."""
+        budget = self.limit - self.final_evals * self.eval_seconds
+        progress = self.elapsed() / budget if budget > 0 else math.inf
+        if self.world > 1:
+            shared = torch.tensor([progress], dtype=torch.float64, device=self.device)
+            dist.broadcast(shared, src=0)
+            progress = float(shared)
+        return progress
+
+    @contextlib.contextmanager
+    def timing_evaluation(self) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.eval_seconds = time.perf_counter() - start
+
+    def checkpoint_due(self, min_seconds: float) -> bool:
+        return time.perf_counter() - self.last_checkpoint >= min_seconds
+
+
+def _final_evaluations(
+    task: Task, config: TrainConfig, splits: tuple[str, ...], ema: bool
+) -> float:
+    """How many periodic evaluations (of ``config.eval_split``) the end of :func:`fit` costs,
+    counted in batches: the final splits, and val twice more where the EMA is compared."""
+
+    def batches(split: str) -> int:
+        return len(task.loader(split, batch_size=config.eval_batch_size, train=False))
+
+    if not config.eval_every:
+        return 0.0  # no periodic evaluation to time
+    evaluated = [*splits, *(["val", "val"] if ema and "val" in task.splits else [])]
+    return sum(batches(split) for split in evaluated) / max(1, batches(config.eval_split))
+
+
 class _Ema:
     """Exponential moving average of parameters and float buffers (timm's ModelEmaV2 rule)."""
 
@@ -404,7 +483,7 @@ def fit(
         meta = load_state(
             state_path, model=model, optimizer=optimizer, ema=ema.module if ema else None
         )
-        if meta.get("config") != config.to_dict():
+        if not config.matches(meta.get("config")):
             raise ValueError(
                 f"{state_path} was written by a run with another config; use a new run folder "
                 "or resume=False"
@@ -424,6 +503,17 @@ def fit(
     eval_model = ema.module if ema is not None else model
     step, history = meta["step"], meta["history"]
     train_seconds = meta["train_seconds"]
+    if final_splits is None:
+        final_splits = tuple(s for s in task.splits if s != "train")
+    clock = _RunClock(
+        config,
+        spent=meta.get("wall_seconds", train_seconds),
+        final_evals=_final_evaluations(task, config, final_splits, ema is not None)
+        if config.time_limit and is_main
+        else 0.0,
+        world=world,
+        device=device,
+    )
     bar = tqdm(
         total=total,
         initial=step,
@@ -454,8 +544,7 @@ def fit(
             for batch in loader:
                 progress = step / max(1, total)
                 if config.time_limit:
-                    elapsed = train_seconds + time.perf_counter() - start
-                    progress = max(progress, elapsed / config.time_limit)
+                    progress = max(progress, clock.progress())
                     if progress >= 1.0:
                         out_of_time = True
                         break
@@ -492,7 +581,8 @@ def fit(
                 if ema is not None:  # the EMA follows the current density schedule too
                     for layer, trained in zip(ema_layers, layers, strict=True):
                         layer.config = trained.config
-                metrics = evaluate(task, eval_model, config.eval_split, config)
+                with clock.timing_evaluation():
+                    metrics = evaluate(task, eval_model, config.eval_split, config)
                 record[config.eval_split] = metrics
             history.append(record)
             bar.set_postfix(epoch=epoch + 1, loss=f"{record['train_loss']:.3f}")
@@ -502,6 +592,7 @@ def fit(
                 "step": step,
                 "history": history,
                 "train_seconds": train_seconds,
+                "wall_seconds": clock.elapsed(),
                 "config": config.to_dict(),
                 "ema_updates": ema.updates if ema else 0,
                 "out_of_time": out_of_time,
@@ -510,7 +601,11 @@ def fit(
                 **(info or {}),
             }
             if is_main and state_path is not None and config.checkpoint_every:
-                if (epoch + 1) % config.checkpoint_every == 0 or last:
+                if last or (
+                    (epoch + 1) % config.checkpoint_every == 0
+                    and clock.checkpoint_due(config.checkpoint_seconds)
+                ):
+                    clock.last_checkpoint = time.perf_counter()
                     save_state(
                         state_path,
                         model=model,
@@ -527,8 +622,6 @@ def fit(
     if ema is not None:
         for layer, target in zip(selective_layers(ema.module), targets, strict=True):
             layer.config = target
-    if final_splits is None:
-        final_splits = tuple(s for s in task.splits if s != "train")
     splits = final_splits
     metrics: dict[str, dict[str, float]] = {}
     checkpoint = None
