@@ -203,6 +203,45 @@ def test_time_limit_counts_evaluations_and_holds_back_the_final_one(tmp_path, mo
     assert took < limit + 2 * pause  # the final val and test were foreseen, not added on top
 
 
+def test_keep_best_ends_with_the_best_periodic_evaluation(monkeypatch):
+    """Dense training with ``keep_best`` returns the weights whose val score was best (epoch 2
+    of 4 here), not the last ones; without it, the last."""
+    import selact.train.loop as loop
+
+    real = loop.evaluate
+    periodic = iter([0.5, 0.9, 0.6, 0.4] * 2)  # val top-1 of the periodic evaluations
+    in_loop = [True]
+
+    def scripted(task, model, split, config, **kwargs):
+        result = real(task, model, split, config, **kwargs)
+        if split == "val" and in_loop[0]:
+            result["top1"] = next(periodic)
+        return result
+
+    monkeypatch.setattr(loop, "evaluate", scripted)
+    states = {}
+
+    def snapshot(epoch, record):
+        states[epoch] = {k: v.clone() for k, v in net.state_dict().items()}
+        in_loop[0] = epoch < 4
+
+    config = CONFIG.replace(epochs=4, eval_every=1)
+    net = _net()
+    result = fit(create_task("toy"), net, config.replace(keep_best=True), progress=False,
+                 on_epoch_end=snapshot)  # fmt: skip
+    assert result.info["best_epoch"] == 2 and result.info["val_best_vs_last"] == [0.9, 0.4]
+    for name, value in result.model.state_dict().items():
+        torch.testing.assert_close(value, states[2][name], rtol=0, atol=0)
+    in_loop[0] = True
+    net = _net()
+    result = fit(create_task("toy"), net, config, progress=False, on_epoch_end=snapshot)
+    assert "best_epoch" not in result.info
+    for name, value in result.model.state_dict().items():
+        torch.testing.assert_close(value, states[4][name], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="keep_best"):
+        CONFIG.replace(keep_best=True, eval_split="test")
+
+
 def test_checkpoint_seconds_spaces_the_training_states(tmp_path):
     task = create_task("toy")
     seen = []

@@ -202,12 +202,14 @@ def markdown(rows: Sequence[dict[str, Any]], *, tolerance: dict[str, float] | No
             d = dense.rows[0]
             epochs = d.get("dense_epochs_done")
             seconds = d.get("dense_train_seconds")
+            best = d.get("dense_best_epoch")
             parts.append(
                 f"Dense: test top-1 {100 * d['top1']:.2f} % "
                 f"(with flip TTA {100 * d.get('top1_flip', float('nan')):.2f} %), val "
                 f"{100 * d['val_top1']:.2f} %"
                 + (f", {epochs:.0f} epochs" if epochs else "")
                 + (f" in {seconds:.0f} s" if seconds else "")
+                + (f", the weights of epoch {best} (best on val)" if best else "")
                 + ".\n"
             )
         head = (

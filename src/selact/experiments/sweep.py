@@ -711,7 +711,11 @@ def run_sweep(
         done = done_jobs(read_rows(config.done_rows), dense_sha, rec.finetune.epochs)
         log.info("sweep: %d jobs already in %s", len(done), config.done_rows)
     eval_config = rec.dense.replace(eval_batch_size=1000)
-    common = {"dense_checkpoint": str(checkpoint), "dense_epochs_done": info.get("epochs_done")}
+    common = {
+        "dense_checkpoint": str(checkpoint),
+        "dense_epochs_done": info.get("epochs_done"),
+        "dense_best_epoch": info.get("best_epoch"),  # keep_best: the weights kept, if not the last
+    }
     if (shard is None or shard[0] == 0) and "dense" not in done:
         _dense_rows(task, dense, dense_config, info, dense_sha, common, eval_config, add)
     children: list[_Child] = []

@@ -18,6 +18,10 @@ What the loop provides for every task:
   three trainings it did not shorten their epochs: the GPU itself was the limit there);
 - an EMA of the weights (``ema`` > 0): at the end, the EMA or the raw weights, whichever is
   better on the validation split, is evaluated and saved;
+- optionally (``keep_best``, dense training), the weights of the periodic evaluation that scored
+  best on the validation split, kept in memory and saved instead of the last ones where they
+  score better (on an H100 ResNet-20's val accuracy peaked at epoch 160 of 200, 89.4 %, and
+  fell to 88.2 % by the end);
 - a training state after every ``checkpoint_every`` epochs, at most once per
   ``checkpoint_seconds`` (``run_dir/last.safetensors``), and a final model checkpoint
   (``run_dir/model.safetensors``), both with JSON sidecars; with
@@ -96,6 +100,8 @@ class TrainConfig:
     seed: int = 0  # weight init is the caller's; this seeds data order, augmentation, dropout
     eval_every: int = 1  # evaluate on eval_split every this many epochs (0: only at the end)
     eval_split: str = "val"
+    keep_best: bool = False  # dense training: end with the periodic evaluation's best weights on
+    # eval_split (which must then be "val") where they beat the last ones
     eval_batch_size: int = 1000
     checkpoint_every: int = 1  # write the training state every this many epochs (0: never)
     checkpoint_seconds: float = 0.0  # ... and at most once per this many seconds (the last
@@ -128,6 +134,8 @@ class TrainConfig:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if self.keep_best and self.eval_split != "val":
+            raise ValueError("keep_best chooses on val: eval_split must be 'val'")
         if self.checkpoint_seconds < 0:
             raise ValueError(f"checkpoint_seconds must be >= 0, got {self.checkpoint_seconds}")
 
@@ -313,6 +321,29 @@ def _graph_agrees(model: nn.Module, x: torch.Tensor, config: TrainConfig, device
         grads = torch.autograd.grad(out.float().logsumexp(-1).mean(), params)
         results.append([t.detach().float().clone() for t in (out, *grads)])
     return all((a - b).norm() <= 0.02 * b.norm() + 1e-6 for a, b in zip(*results, strict=True))
+
+
+class _BestWeights:
+    """The weights of the periodic evaluation that scored best (``keep_best``), in memory: a
+    resumed run keeps the best since it resumed."""
+
+    def __init__(self, task: Task) -> None:
+        self.higher = task.higher_is_better
+        self.score: float | None = None
+        self.epoch = 0
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def _better(self, a: float, b: float) -> bool:
+        return a > b if self.higher else a < b
+
+    def beats(self, score: float) -> bool:
+        """Whether the kept weights score strictly better than ``score``."""
+        return self.score is not None and self._better(self.score, score)
+
+    def offer(self, model: nn.Module, score: float, epoch: int) -> None:
+        if self.score is None or self._better(score, self.score):
+            self.score, self.epoch = score, epoch
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 class _RunClock:
@@ -532,6 +563,7 @@ def fit(
         if ema is not None:
             ema_layers = selective_layers(ema.module)
         out_of_time = meta.get("out_of_time", False)
+        best = _BestWeights(task) if config.keep_best and is_main and not layers else None
         lr = 0.0
         for epoch in range(meta["epoch"], config.epochs):
             if out_of_time:
@@ -584,6 +616,8 @@ def fit(
                 with clock.timing_evaluation():
                     metrics = evaluate(task, eval_model, config.eval_split, config)
                 record[config.eval_split] = metrics
+                if best is not None:
+                    best.offer(eval_model, metrics[task.primary_metric], epoch + 1)
             history.append(record)
             bar.set_postfix(epoch=epoch + 1, loss=f"{record['train_loss']:.3f}")
             log.info("%s epoch %d/%d: %s", task.name, epoch + 1, config.epochs, record)
@@ -637,15 +671,23 @@ def fit(
         "ema": config.ema > 0,
         **(info or {}),
     }
+    pm = task.primary_metric
+    last_val = history[-1].get("val", {}).get(pm) if history else None
     if is_main and ema is not None and "val" in task.splits and len(history):
         # Keep the EMA or the raw weights, whichever is better on val (never on test).
-        pm = task.primary_metric
         raw = evaluate(task, model, "val", config)[pm]
         avg = evaluate(task, ema.module, "val", config)[pm]
         better = avg >= raw if task.higher_is_better else avg <= raw
         eval_model = ema.module if better else model
         final_info["ema_chosen"] = better
         final_info["val_raw_vs_ema"] = [raw, avg]
+        last_val = avg if better else raw
+    if best is not None and best.state is not None:
+        if last_val is None or best.beats(last_val):  # the periodic evaluations' models
+            eval_model = ema.module if ema is not None else model
+            eval_model.load_state_dict(best.state)
+            final_info["best_epoch"] = best.epoch
+        final_info["val_best_vs_last"] = [best.score, last_val]
     if ema is not None:
         for param in ema.module.parameters():  # a model like any other from here on
             param.requires_grad_(True)
