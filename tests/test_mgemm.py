@@ -3,7 +3,6 @@ brute-force counts (explicit loops and ``unfold``)."""
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import math
 import os
@@ -373,21 +372,6 @@ def test_operands_are_validated_once_per_signature(fake_backend, monkeypatch):
         mgemm.linear(x.tolist(), w)
     with pytest.raises(ValueError, match="on meta"):
         mgemm.linear(x, w.to("meta"))
-
-
-def test_named_only_ops_are_never_chosen_automatically(fake_backend, monkeypatch):
-    """An op a backend serves only when named (not yet timed where it is for) goes to the
-    others automatically, and to it when asked for."""
-    fake = BACKENDS["fake"]
-    monkeypatch.setitem(
-        BACKENDS._entries, "fake", dataclasses.replace(fake, named_only_ops=frozenset({"linear"}))
-    )
-    x, w, m = torch.randn(2, 4), torch.randn(3, 4), torch.ones(4, dtype=torch.bool)
-    assert mgemm.choose(mgemm.linear_case(x, w, in_mask=m)).name != "fake"
-    mgemm.linear(x, w, in_mask=m)
-    assert fake_backend == []
-    mgemm.linear(x, w, in_mask=m, backend="fake")
-    assert fake_backend == ["fake"]
 
 
 def test_named_backend_raises_when_it_cannot_serve(fake_backend, monkeypatch):

@@ -48,8 +48,6 @@ class Backend:
         auto_devices: device types where the automatic choice may pick it (default: all of
             ``devices``); elsewhere it serves only when named, e.g. where it was measured slower
             than the reference, or under Triton's interpreter.
-        named_only_ops: ops it serves only when named, never by automatic choice (not yet timed
-            against the reference on the hardware it is for).
         check: optional ``Case -> reason or None`` for limits beyond device and dtype.
         differentiable: whether its results carry gradients.
         plan: optional ``plan(op, *operands, requested)``, told the operands of each call
@@ -63,7 +61,6 @@ class Backend:
     ops: Mapping[str, Callable]
     priority: int = 1
     auto_devices: frozenset[str] | None = None
-    named_only_ops: frozenset[str] = frozenset()
     check: Callable[[Case], str | None] | None = None
     differentiable: bool = True
     plan: Callable[..., None] | None = None
@@ -155,7 +152,6 @@ def _choose_automatically(case: Case) -> Backend:
         for b in candidates
         if case.device in (b.devices if b.auto_devices is None else b.auto_devices)
         and case.op in b.ops
-        and case.op not in b.named_only_ops
         and (b.differentiable or not case.needs_grad)
     ]
     reasons = []
