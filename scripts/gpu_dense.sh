@@ -9,10 +9,11 @@
 # Usage, from the repository root (PYTHONPATH=src; nothing is installed):
 #   bash scripts/gpu_dense.sh ARCHIVE [TOTAL_SECONDS]     (default 560: inside a 600-second call)
 # Environment: OUT (default runs/gpu-dense); MODELS (default "resnet20 vgg16 vit"); SHARE_<model>:
-#   its share of the time (defaults: ResNet-20 0.2, VGG-16 0.35, ViT 0.45); SWEEP_ARGS: extra
-#   `selact sweep` options (a CPU dry run: MODELS=small_cnn SWEEP_ARGS="--smoke --device cpu");
-#   RETURN_MODELS (default: MODELS): the models whose checkpoints come back (the device returns
-#   64 MiB in all: VGG-16's 59 MB leaves little room for anything else).
+#   its share of the time (defaults: ResNet-20 0.22, VGG-16 0.28, ViT 0.5: what 200 epochs of
+#   each took alone on an H100, 2026-11-27, start-up and evaluations included); SWEEP_ARGS:
+#   extra `selact sweep` options (a CPU dry run: MODELS=small_cnn SWEEP_ARGS="--smoke --device
+#   cpu"); RETURN_MODELS (default: MODELS; empty: none): the models whose checkpoints come back
+#   (the device returns 64 MiB in all: VGG-16's 59 MB leaves little room for anything else).
 # Time: each model gets its share of the time left when it starts, among the models still to run
 #   (time a model leaves unused goes to the next ones).
 # Writes to $OUT (at most 8 files, the device's return limit): rows.json (every model's rows),
@@ -39,7 +40,7 @@ elapsed() { echo $(( $(date +%s) - START )); }
 share() {
   local s="SHARE_$1"
   if [ -n "${!s:-}" ]; then echo "${!s}"; return; fi
-  case $1 in resnet20) echo 0.2;; vgg16) echo 0.35;; vit) echo 0.45;; *) echo 0.3;; esac
+  case $1 in resnet20) echo 0.22;; vgg16) echo 0.28;; vit) echo 0.5;; *) echo 0.3;; esac
 }
 
 {
@@ -88,7 +89,7 @@ EOF
 timeout 30 python -m selact report "$OUT/rows.json" --md "$OUT/summary.md" >> "$LOG" 2>&1 \
   || echo "report failed (rerun: selact report $OUT/rows.json)" >> "$LOG"
 FILES=()
-for MODEL in ${RETURN_MODELS:-$MODELS}; do
+for MODEL in ${RETURN_MODELS-$MODELS}; do
   [ -f "$RUNS/$MODEL/dense/model.safetensors" ] \
     && FILES+=("$MODEL/dense/model.safetensors" "$MODEL/dense/model.json")
 done
