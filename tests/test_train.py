@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -179,28 +178,46 @@ def test_time_limit_stops_early_and_ends_the_schedule(tmp_path):
     assert result.history[-1]["lr"] < 0.3 * CONFIG.lr  # the decay ran (the last step is near 1)
 
 
-def test_time_limit_counts_evaluations_and_holds_back_the_final_one(tmp_path, monkeypatch):
-    """The limit is the run's wall time: a slow evaluation leaves fewer seconds for training,
-    and the time of the final evaluation (val and test here) is held back."""
+def test_time_limit_counts_evaluations_and_holds_back_the_final_one(monkeypatch):
+    """The limit is the run's wall time: evaluations leave fewer seconds for training, and the
+    time of the final evaluation (val and test here) and of the caller's evaluations after fit
+    is held back. Time is simulated: each clock reading advances it 1 ms, each evaluation
+    ``pause`` seconds (no sleeping, no dependence on the machine's load)."""
     import selact.train.loop as loop
 
-    pause, limit = 0.2, 3.0
+    pause, limit = 0.5, 4.0
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 1e-3
+        return now[0]
+
     real = loop.evaluate
 
     def slow_evaluate(*args, **kwargs):
-        time.sleep(pause)
+        now[0] += pause
         return real(*args, **kwargs)
 
+    monkeypatch.setattr(loop.time, "perf_counter", clock)
     monkeypatch.setattr(loop, "evaluate", slow_evaluate)
+    task = create_task("toy")
     config = CONFIG.replace(epochs=10_000, time_limit=limit, eval_every=1)
-    start = time.perf_counter()
-    result = fit(create_task("toy"), _net(), config, run_dir=tmp_path, progress=False)
-    took = time.perf_counter() - start
+    start = now[0]
+    result = fit(task, _net(), config, progress=False)
     evaluations = sum(config.eval_split in h for h in result.history)
-    trained = sum(h["seconds"] for h in result.history)
     assert 0 < result.info["epochs_done"] < config.epochs
-    assert trained + pause * evaluations <= limit  # periodic evaluations took from training
-    assert took < limit + 2 * pause  # the final val and test were foreseen, not added on top
+    assert sum(h["seconds"] for h in result.history) + pause * evaluations <= limit
+    assert now[0] - start <= limit + 0.05  # the final val and test (1 s) were foreseen
+    # Without periodic evaluations the first epoch's evaluation times the final one; the
+    # caller's own evaluations after fit (evaluations_after) are held back too.
+    config = config.replace(eval_every=0)
+    start = now[0]
+    result = fit(task, _net(), config, progress=False, evaluations_after=2)
+    assert [config.eval_split in h for h in result.history][:2] == [True, False]
+    for _ in range(2):
+        for split in ("val", "test"):
+            loop.evaluate(task, result.model, split, config)
+    assert now[0] - start <= limit + 0.05
 
 
 def test_keep_best_ends_with_the_best_periodic_evaluation(monkeypatch):

@@ -686,6 +686,7 @@ def run_sweep(
             resume=config.resume,
             progress=config.progress,
             info={"model": config.model, "command": config.command},
+            evaluations_after=2,  # the dense and zero_skip rows (_dense_rows)
         )
         dense, info, checkpoint = result.model, result.info, result.checkpoint
     dense.eval()

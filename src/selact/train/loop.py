@@ -110,8 +110,9 @@ class TrainConfig:
     # With a time limit the schedules run on max(step / total steps, seconds / limit) and
     # training stops when that reaches 1: ``epochs`` becomes a maximum. The seconds are the run's
     # wall time, evaluations and checkpoints included, and the final evaluation's expected time
-    # (from the periodic evaluations) is held back, so that ``fit`` returns within the limit. The
-    # result depends on the machine's speed; the sidecar records the epochs actually done.
+    # is held back (timed by an evaluation after the first epoch and by the periodic ones), so
+    # that ``fit`` returns within the limit. The result depends on the machine's speed; the
+    # sidecar records the epochs actually done.
     time_limit: float | None = None
     # Mask-aware fine-tuning (models converted by selact.sparsify):
     density_schedule: str = "constant"  # "constant", or "linear"/"cosine" from 1.0 to target
@@ -349,8 +350,9 @@ class _BestWeights:
 class _RunClock:
     """A run's wall time against ``config.time_limit`` (see TrainConfig): steps, evaluations and
     checkpoints all count, and ``final_evals`` times the last periodic evaluation's duration is
-    held back for the evaluation after the last epoch. Under DDP rank 0's clock decides for
-    every rank, so that all stop at the same step."""
+    held back for the evaluation after the last epoch (the first epoch ends with an evaluation
+    to time it, periodic or not; a limit that ends inside the first epoch holds nothing back).
+    Under DDP rank 0's clock decides for every rank, so that all stop at the same step."""
 
     def __init__(
         self,
@@ -387,6 +389,11 @@ class _RunClock:
         yield
         self.eval_seconds = time.perf_counter() - start
 
+    def needs_timing(self) -> bool:
+        """Whether an evaluation should run now to time the final one: with a time limit, the
+        first epoch of a run (or of its resumption) ends with one."""
+        return bool(self.limit) and self.eval_seconds == 0.0
+
     def checkpoint_due(self, min_seconds: float) -> bool:
         return time.perf_counter() - self.last_checkpoint >= min_seconds
 
@@ -395,14 +402,17 @@ def _final_evaluations(
     task: Task, config: TrainConfig, splits: tuple[str, ...], ema: bool
 ) -> float:
     """How many periodic evaluations (of ``config.eval_split``) the end of :func:`fit` costs,
-    counted in batches: the final splits, and val twice more where the EMA is compared."""
+    counted in batches: the last epoch's own (with periodic evaluations), the final splits, and
+    val twice more where the EMA is compared."""
 
     def batches(split: str) -> int:
         return len(task.loader(split, batch_size=config.eval_batch_size, train=False))
 
-    if not config.eval_every:
-        return 0.0  # no periodic evaluation to time
-    evaluated = [*splits, *(["val", "val"] if ema and "val" in task.splits else [])]
+    evaluated = [
+        *([config.eval_split] if config.eval_every else []),
+        *splits,
+        *(["val", "val"] if ema and "val" in task.splits else []),
+    ]
     return sum(batches(split) for split in evaluated) / max(1, batches(config.eval_split))
 
 
@@ -454,6 +464,7 @@ def fit(
     info: dict[str, Any] | None = None,
     final_splits: tuple[str, ...] | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    evaluations_after: int = 0,
 ) -> FitResult:
     """Train ``model`` on ``task``; see the module docstring.
 
@@ -469,6 +480,8 @@ def fit(
         info: extra JSON-ready facts for the sidecars (command, model name, ...).
         final_splits: splits evaluated at the end (default: every split but "train").
         on_epoch_end: ``f(epoch, record)`` after each epoch's checkpoint (rank 0 only).
+        evaluations_after: how many times the caller evaluates ``final_splits`` once ``fit``
+            returns, inside the same time limit: their time is held back too.
     """
     rank, world, _ = distributed_context()
     if world > 1 and not dist.is_initialized():
@@ -539,7 +552,9 @@ def fit(
     clock = _RunClock(
         config,
         spent=meta.get("wall_seconds", train_seconds),
-        final_evals=_final_evaluations(task, config, final_splits, ema is not None)
+        final_evals=_final_evaluations(
+            task, config, final_splits * (1 + evaluations_after), ema is not None
+        )
         if config.time_limit and is_main
         else 0.0,
         world=world,
@@ -609,7 +624,8 @@ def fit(
                 "seconds": seconds,
             }
             last = epoch + 1 == config.epochs or out_of_time
-            if is_main and config.eval_every and ((epoch + 1) % config.eval_every == 0 or last):
+            periodic = config.eval_every and (epoch + 1) % config.eval_every == 0
+            if is_main and (periodic or (config.eval_every and last) or clock.needs_timing()):
                 if ema is not None:  # the EMA follows the current density schedule too
                     for layer, trained in zip(ema_layers, layers, strict=True):
                         layer.config = trained.config
@@ -618,6 +634,8 @@ def fit(
                 record[config.eval_split] = metrics
                 if best is not None:
                     best.offer(eval_model, metrics[task.primary_metric], epoch + 1)
+            if config.time_limit and not last and clock.progress() >= 1.0:
+                out_of_time = last = True  # no time for another epoch: this one's state is written
             history.append(record)
             bar.set_postfix(epoch=epoch + 1, loss=f"{record['train_loss']:.3f}")
             log.info("%s epoch %d/%d: %s", task.name, epoch + 1, config.epochs, record)
