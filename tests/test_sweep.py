@@ -147,6 +147,35 @@ def test_density_one_is_dense_and_report(sweep_rows):
     assert "| sapi | element | global |" in text and "Frontier (sapi" in text
 
 
+@pytest.mark.slow
+@needs_data
+def test_finetune_command_searches_as_the_sweep_does(sweep_rows, tmp_path, monkeypatch):
+    """``selact finetune --target --allocation global`` runs the budget search with the
+    recipe's settings (lazy refresh, step limit), as the sweep does."""
+    import selact.amu
+
+    _, out, cache = sweep_rows
+    monkeypatch.setenv("SELACT_CACHE", str(cache))
+    seen = {}
+    real = selact.amu.budget_search
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(selact.amu, "budget_search", spy)
+    args = [
+        "finetune", "--task", "cifar10", "--model", "small_cnn", "--smoke", "--device", "cpu",
+        "--data", str(SHARED_DATA), "--from", str(out.parent / "run" / "dense" / "model.safetensors"),
+        "--strategy", "sapi", "--target", "0.5", "--allocation", "global", "--epochs", "1",
+        "--run-dir", str(tmp_path / "ft"), "--no-progress",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rec = recipe("small_cnn", "smoke")
+    assert (seen["refresh"], seen["max_steps"]) == (rec.search_refresh, rec.search_steps)
+
+
 def test_frontier_needs_three_seeds_and_names_lower_candidates():
     def row(strategy, target, seed, val, epochs=10):
         return {"model": "m", "strategy": strategy, "granularity": "element",

@@ -242,11 +242,14 @@ def finetune(
         net = copy.deepcopy(dense)
     elif target is not None:
         net = converted_copy(dense, strategy, granularity)
-        search = budget_search if allocation == "global" else uniform_search
+        searching: dict[str, Any] = {"sensitivity": built.sensitivity}
+        if allocation == "global":  # searched as the sweep searches (the recipe's settings)
+            search = budget_search
+            searching |= {"max_steps": rec.search_steps, "refresh": rec.search_refresh}
+        else:
+            search = uniform_search
         with selact.train.autocast(rec.dense, torch.device(device)):
-            result = search(
-                net, calibration_batches(built, rec), [target], sensitivity=built.sensitivity
-            )
+            result = search(net, calibration_batches(built, rec), [target], **searching)
         selact.amu.apply_densities(net, result[0].densities)
         fields = {"target_mac_fraction": target, "densities": result[0].densities}
     else:
