@@ -397,6 +397,9 @@ class _RunClock:
     def checkpoint_due(self, min_seconds: float) -> bool:
         return time.perf_counter() - self.last_checkpoint >= min_seconds
 
+    def checkpoint_written(self) -> None:
+        self.last_checkpoint = time.perf_counter()
+
 
 def _final_evaluations(
     task: Task, config: TrainConfig, splits: tuple[str, ...], ema: bool
@@ -657,7 +660,7 @@ def fit(
                     (epoch + 1) % config.checkpoint_every == 0
                     and clock.checkpoint_due(config.checkpoint_seconds)
                 ):
-                    clock.last_checkpoint = time.perf_counter()
+                    clock.checkpoint_written()
                     save_state(
                         state_path,
                         model=model,
