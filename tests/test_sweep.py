@@ -176,6 +176,47 @@ def test_finetune_command_searches_as_the_sweep_does(sweep_rows, tmp_path, monke
     assert (seen["refresh"], seen["max_steps"]) == (rec.search_refresh, rec.search_steps)
 
 
+@pytest.mark.slow
+@needs_data
+def test_finetune_reuses_searched_densities(sweep_rows, tmp_path, monkeypatch):
+    """``selact finetune --densities RESULT.json`` takes an earlier run's searched densities (the
+    search does not depend on the seed) without searching again; bad files are named."""
+    import selact.amu
+
+    _, out, cache = sweep_rows
+    monkeypatch.setenv("SELACT_CACHE", str(cache))
+    common = [
+        "finetune", "--task", "cifar10", "--model", "small_cnn", "--smoke", "--device", "cpu",
+        "--data", str(SHARED_DATA), "--from", str(out.parent / "run" / "dense" / "model.safetensors"),
+        "--strategy", "sapi", "--epochs", "1", "--no-progress",
+    ]  # fmt: skip
+    first = tmp_path / "first.json"
+    args = ["--target", "0.5", "--run-dir", str(tmp_path / "a"), "--json", str(first)]
+    result = CliRunner().invoke(app, [*common, *args])
+    assert result.exit_code == 0, result.output
+    searched = json.loads(first.read_text())
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched again")
+
+    monkeypatch.setattr(selact.amu, "budget_search", no_search)
+    again = tmp_path / "again.json"
+    args = ["--densities", str(first), "--seed", "1", "--run-dir", str(tmp_path / "b"),
+            "--json", str(again)]  # fmt: skip
+    result = CliRunner().invoke(app, [*common, *args])
+    assert result.exit_code == 0, result.output
+    reused = json.loads(again.read_text())
+    assert reused["densities"] == searched["densities"] and reused["seed"] == 1
+    assert reused["target_mac_fraction"] == searched["target_mac_fraction"] == 0.5
+    assert reused["densities_from"] == str(first)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"densities": {"features.0": 1.5}}))
+    result = CliRunner().invoke(app, [*common, "--densities", str(bad)])
+    assert result.exit_code != 0 and "bad.json" in result.output
+    result = CliRunner().invoke(app, [*common, "--densities", str(first), "--target", "0.5"])
+    assert result.exit_code != 0 and "one of --densities" in result.output
+
+
 def test_frontier_needs_three_seeds_and_names_lower_candidates():
     def row(strategy, target, seed, val, epochs=10):
         return {"model": "m", "strategy": strategy, "granularity": "element",

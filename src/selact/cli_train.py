@@ -211,6 +211,13 @@ def finetune(
     allocation: Annotated[
         str, typer.Option(help="With --target: global (greedy by sensitivity) or uniform.")
     ] = "global",
+    densities: Annotated[
+        Path | None,
+        typer.Option(
+            help="Per-layer densities instead of --density/--target: an earlier run's --json "
+            "(its searched densities, e.g. for another seed) or a {layer: density} JSON."
+        ),
+    ] = None,
     data: Data = None,
     device: Device = "auto",
     scale: Scale = "full",
@@ -233,13 +240,18 @@ def finetune(
     from selact.experiments.sweep import calibration_batches, converted_copy
 
     scale = "smoke" if smoke else scale
+    if densities is not None and (density is not None or target is not None):
+        raise typer.BadParameter("give one of --densities, --density and --target")
+    fields: dict[str, Any] = _read_densities(densities) if densities is not None else {}
     device = _device(device)
     rec, built = _build(task, model, data, device, scale, task_arg)
     dense, _ = load_model(create_model(model, **built.model_kwargs()), from_)
     dense.to(device).eval()
-    fields: dict[str, Any] = {}
     if strategy == "dense":
         net = copy.deepcopy(dense)
+    elif fields:
+        net = converted_copy(dense, strategy, granularity)
+        selact.amu.apply_densities(net, fields["densities"])
     elif target is not None:
         net = converted_copy(dense, strategy, granularity)
         searching: dict[str, Any] = {"sensitivity": built.sensitivity}
@@ -273,6 +285,26 @@ def finetune(
         Console().print(f"wrote {fitted.checkpoint}")
         if json_out:
             atomic_write_text(json_out, json.dumps(fitted.info, indent=1, default=str) + "\n")
+
+
+def _read_densities(path: Path) -> dict[str, Any]:
+    """``{"densities": {layer: density}, ...}`` from a ``finetune --json`` result (its target is
+    kept) or a plain ``{layer: density}`` JSON file, checked."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise typer.BadParameter(f"{path}: cannot read densities ({error})") from error
+    layers = found.get("densities", found) if isinstance(found, dict) else None
+    if not layers or not all(
+        isinstance(d, int | float) and 0 < d <= 1 for d in layers.values()
+    ):  # fmt: skip
+        raise typer.BadParameter(
+            f"{path}: expected {{layer: density in (0, 1]}} or a finetune result with 'densities'"
+        )
+    fields = {"densities": {k: float(v) for k, v in layers.items()}, "densities_from": str(path)}
+    if "target_mac_fraction" in found:
+        fields["target_mac_fraction"] = found["target_mac_fraction"]
+    return fields
 
 
 def evaluate_command(
