@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from selact.data import split_indices
-from selact.tasks.cifar10 import TensorLoader, augment
+from selact.tasks.cifar10 import POLICIES, TensorLoader, augment
 from selact.train import TaskOptions, create_task
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -43,6 +43,62 @@ def test_augment_crop_is_a_shift_and_seeded():
         assert any(
             torch.equal(img, src[:, dy : dy + 8, dx : dx + 8]) for dy in range(5) for dx in range(5)
         )
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_augment_policies_are_seeded_and_leave_the_global_rng_alone(policy):
+    x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    state = torch.get_rng_state()
+    a = augment(x, torch.Generator().manual_seed(4), auto_augment=policy, auto_augment_group=8)
+    assert torch.equal(torch.get_rng_state(), state)  # torchvision's draws came from our seed
+    b = augment(x, torch.Generator().manual_seed(4), auto_augment=policy, auto_augment_group=8)
+    plain = augment(x, torch.Generator().manual_seed(4))
+    assert a.dtype == torch.uint8 and a.shape == x.shape
+    assert torch.equal(a, b) and not torch.equal(a, plain)
+    other = augment(x, torch.Generator().manual_seed(5), auto_augment=policy, auto_augment_group=8)
+    assert not torch.equal(a, other)
+
+
+def test_augment_rejects_unknown_policies():
+    with pytest.raises(ValueError, match="auto_augment must be one of"):
+        augment(_images(), torch.Generator(), auto_augment="autoaug")
+    with pytest.raises(ValueError, match="auto_augment_group"):
+        augment(_images(), torch.Generator(), auto_augment="randaugment", auto_augment_group=0)
+
+
+def _mixed_batch(**alphas):
+    images, labels = _images(10), torch.arange(10)  # one image per class: weights are readable
+    loader = TensorLoader(images, labels, 10, train=True, seed=2, augment_args={"padding": 0},
+                          **alphas)  # fmt: skip
+    x, y = next(iter(loader))
+    plain = TensorLoader(images, labels, 10, train=True, seed=2, augment_args={"padding": 0})
+    x0, y0 = next(iter(plain))  # the same epoch before mixing (the order and flips match)
+    assert y.shape == (10, 10) and torch.allclose(y.sum(1), torch.ones(10))
+    own = y[torch.arange(10), y0]
+    other = y[torch.arange(10), y0.roll(1)]  # each image is mixed with the one before it
+    assert torch.allclose(own + other, torch.ones(10))
+    assert torch.equal(y, next(iter(loader))[1])  # seeded
+    return x, x0, own[0]
+
+
+def test_mixup_mixes_images_and_labels_alike():
+    x, x0, lam = _mixed_batch(mixup_alpha=0.4)
+    assert torch.allclose(x, lam * x0 + (1 - lam) * x0.roll(1, 0), atol=1e-5)
+
+
+def test_cutmix_pastes_a_box_of_the_label_weight():
+    x, x0, lam = _mixed_batch(cutmix_alpha=1.0)
+    from_self = (x == x0).all(1)  # per pixel, over channels
+    assert ((x == x0) | (x == x0.roll(1, 0))).all()
+    assert from_self.float().mean() == pytest.approx(float(lam), abs=1 / 64)
+
+
+def test_mixing_is_for_training_only_and_checks_alphas():
+    images, labels = _images(10), torch.arange(10)
+    _, y = next(iter(TensorLoader(images, labels, 10, mixup_alpha=0.8, cutmix_alpha=1.0)))
+    assert torch.equal(y, labels)
+    with pytest.raises(ValueError, match="cutmix_alpha must be >= 0"):
+        TensorLoader(images, labels, 10, train=True, cutmix_alpha=-1.0)
 
 
 def test_loader_epochs_and_ddp_shards():
@@ -80,6 +136,19 @@ def test_task_splits_and_metrics(tmp_path_factory, monkeypatch):
     assert set(metrics) == {"top1", "top1_flip", "loss"} and 0 <= metrics["top1"] <= 1
     batch = next(iter(task.loader("train", batch_size=32, train=True)))
     assert torch.isfinite(task.loss(model, batch))
+    strong = create_task(
+        "cifar10",
+        TaskOptions(data=str(SHARED_DATA), train_limit=200, eval_limit=100),
+        auto_augment="trivialaugment",
+        mixup_alpha=0.8,
+        cutmix_alpha=1.0,
+    )
+    images, soft = next(iter(strong.loader("train", batch_size=32, train=True)))
+    assert soft.shape == (32, 10) and torch.isfinite(strong.loss(model, (images, soft)))
+    assert strong.describe()["auto_augment"] == "trivialaugment"
+    assert "auto_augment" not in task.describe()  # older runs' descriptions are unchanged
+    with pytest.raises(ValueError, match="auto_augment must be one of"):
+        create_task("cifar10", TaskOptions(data="/nonexistent"), auto_augment="ta_wide")
     with pytest.raises(ValueError, match="no split"):
         task.loader("holdout", batch_size=8)
     # the validation images are held out of training (class-balanced, fixed by seed)

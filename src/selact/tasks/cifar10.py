@@ -3,9 +3,12 @@
 The training images minus a seeded, class-balanced validation split of ``val_size`` (5,000 by
 default) train; ``val`` chooses every setting; ``test`` only reports. All images live on the
 task's device as uint8 tensors (150 MB for the whole set), and each epoch is augmented there in
-one pass: 4-pixel zero-padded random crop, horizontal flip and optional cutout. The random
-numbers come from a CPU generator seeded by (seed, epoch), so an epoch is the same on any device
-and after a resume. Batches are normalised with the usual CIFAR-10 mean and std.
+one pass: 4-pixel zero-padded random crop, horizontal flip, optionally an automatic augmentation
+policy of torchvision (TrivialAugment, RandAugment or AutoAugment's CIFAR-10 policy, drawn per
+group of ``auto_augment_group`` images) and cutout. Training batches can be mixed (torchvision's MixUp
+and CutMix, one of the two per batch), which gives soft labels. The random numbers come from a
+CPU generator seeded by (seed, epoch), so an epoch is the same on any device and after a resume.
+Batches are normalised with the usual CIFAR-10 mean and std.
 
 Metrics: ``top1`` (the primary metric), ``top1_flip`` (logits averaged over the image and its
 mirror: two forward passes per image, reported beside, never instead) and ``loss`` (plain
@@ -14,19 +17,40 @@ cross-entropy).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms import v2
 
-from selact.data.cifar10 import MEAN, STD, load_cifar10, split_indices
+from selact.data.cifar10 import CLASSES, MEAN, STD, load_cifar10, split_indices
 from selact.train.task import Distill, Task, TaskOptions, register_task
 
 __all__ = ["Cifar10", "augment", "TensorLoader"]
 
 _FILL = tuple(round(255 * m) for m in MEAN)  # cutout fills with the mean colour (0 after norm)
+# Automatic augmentation policies by name (torchvision's); geometric ones fill with the mean colour.
+POLICIES = {
+    "trivialaugment": lambda fill: v2.TrivialAugmentWide(fill=fill),
+    "randaugment": lambda fill: v2.RandAugment(fill=fill),
+    "autoaugment": lambda fill: v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10, fill=fill),
+}
+
+
+@contextlib.contextmanager
+def _global_rng(seed: int) -> Iterator[None]:
+    """torchvision's random transforms draw from torch's global CPU generator: seed it from our
+    own generator for the duration, and restore it after (CUDA generators are not touched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+def _draw_seed(generator: torch.Generator) -> int:
+    return int(torch.randint(2**62, (1,), generator=generator))
 
 
 def augment(
@@ -36,13 +60,26 @@ def augment(
     padding: int = 4,
     flip: bool = True,
     cutout: int = 0,
+    auto_augment: str | None = None,
+    auto_augment_group: int = 64,
     chunk: int = 8192,
 ) -> torch.Tensor:
-    """Random crop after zero padding, horizontal flip and cutout of a (N, C, H, W) uint8 batch.
+    """Random crop after zero padding, horizontal flip, an automatic augmentation policy
+    (``auto_augment``: a name in :data:`POLICIES`, or None) and cutout of a (N, C, H, W) uint8
+    batch.
 
     The random numbers are drawn on the CPU from ``generator`` (so the result does not depend on
-    the device); the pixels are moved on the images' device, ``chunk`` images at a time.
+    the device); the pixels are moved on the images' device, ``chunk`` images at a time. The
+    policy draws one operation and magnitude per group of ``auto_augment_group`` consecutive images
+    (torchvision's transforms treat a batch as one image); the order is shuffled before, so the
+    groups are random, and the cost is a few calls per group instead of per image.
     """
+    if auto_augment is not None and auto_augment not in POLICIES:
+        raise ValueError(
+            f"auto_augment must be one of {sorted(POLICIES)} or None, got {auto_augment!r}"
+        )
+    if auto_augment_group < 1:
+        raise ValueError(f"auto_augment_group must be positive, got {auto_augment_group}")
     n, c, h, w = images.shape
     device = images.device
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
@@ -56,6 +93,8 @@ def augment(
     fill = torch.tensor(_FILL[:c] if c == 3 else (0,) * c, dtype=images.dtype, device=device)
     ar_h, ar_w = torch.arange(h, device=device), torch.arange(w, device=device)
     channels = torch.arange(c, device=device).view(1, c, 1, 1)
+    transform = POLICIES[auto_augment](fill.tolist()) if auto_augment else None
+    auto_augment_seed = _draw_seed(generator) if transform is not None else 0
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         padded = F.pad(images[s:e], (padding,) * 4)
@@ -63,6 +102,9 @@ def augment(
         cols = dx[s:e, None] + ar_w
         cols = torch.where(mirror[s:e, None], cols.flip(1), cols).view(-1, 1, 1, w)
         batch = padded[torch.arange(e - s, device=device).view(-1, 1, 1, 1), channels, rows, cols]
+        if transform is not None:
+            with _global_rng(auto_augment_seed + s):
+                batch = torch.cat([transform(g) for g in batch.split(auto_augment_group)])
         if cutout > 0:
             top = (cy[s:e] - cutout // 2).view(-1, 1, 1, 1)
             left = (cx[s:e] - cutout // 2).view(-1, 1, 1, 1)
@@ -84,8 +126,11 @@ class TensorLoader:
         seed: seeds the order and augmentation of each epoch (with the epoch).
         rank, world_size: under DDP each rank takes ``rank::world_size`` of the epoch's order,
             cut to the same length on every rank.
-        augment_args: keyword arguments of :func:`augment` (padding, flip, cutout).
+        augment_args: keyword arguments of :func:`augment` (padding, flip, cutout, auto_augment).
         channels_last: give batches in channels-last memory format.
+        mixup_alpha, cutmix_alpha: training batches are mixed by MixUp or CutMix with these Beta
+            parameters (0: that one is off; both on: one of the two per batch, as in DeiT), and
+            their labels become class probabilities (N, 10).
     """
 
     def __init__(
@@ -100,6 +145,8 @@ class TensorLoader:
         world_size: int = 1,
         augment_args: dict[str, Any] | None = None,
         channels_last: bool = False,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.train, self.seed = batch_size, train, seed
@@ -111,6 +158,7 @@ class TensorLoader:
         device = images.device
         self.mean = torch.tensor(MEAN, device=device).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(STD, device=device).view(1, -1, 1, 1) * 255.0
+        self.mix = _mixer(mixup_alpha, cutmix_alpha, len(CLASSES)) if train else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -121,23 +169,43 @@ class TensorLoader:
             return n // b
         return -(-n // b)
 
-    def _epoch_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _epoch_data(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The epoch's images and labels in order, and the seed of its batch mixing."""
         if not self.train:
-            return self.images, self.labels
+            return self.images, self.labels, 0
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.labels.numel(), generator=generator)
         order = order[self.rank :: self.world_size][: self.per_rank].to(self.images.device)
         images = augment(self.images[order], generator, **self.augment_args)
-        return images, self.labels[order]
+        mix_seed = _draw_seed(generator) if self.mix is not None else 0
+        return images, self.labels[order], mix_seed
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        images, labels = self._epoch_data()
+        images, labels, mix_seed = self._epoch_data()
         for i in range(len(self)):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            x = images[sl].float().sub_(self.mean).div_(self.std)
+            x, y = images[sl].float().sub_(self.mean).div_(self.std), labels[sl]
+            if self.mix is not None:
+                with _global_rng(mix_seed + i):
+                    x, y = self.mix(x, y)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, labels[sl]
+            yield x, y
+
+
+def _mixer(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> v2.Transform | None:
+    """MixUp, CutMix, one of the two at random, or None (alphas of 0 switch them off)."""
+    for name, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+        if not alpha >= 0:
+            raise ValueError(f"{name} must be >= 0, got {alpha}")
+    mixers = [
+        kind(alpha=alpha, num_classes=num_classes)
+        for kind, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha))
+        if alpha > 0
+    ]
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
 @register_task("cifar10")
@@ -150,6 +218,8 @@ class Cifar10(Task):
         label_smoothing: of the training cross-entropy.
         cutout: side of the cutout square in pixels (0: none).
         padding: of the random crop.
+        auto_augment: an automatic augmentation policy (a name in :data:`POLICIES`) or None.
+        mixup_alpha, cutmix_alpha: mix training batches (see :class:`TensorLoader`; 0: off).
         flip_tta: also report ``top1_flip``.
     """
 
@@ -164,11 +234,22 @@ class Cifar10(Task):
         label_smoothing: float = 0.1,
         cutout: int = 0,
         padding: int = 4,
+        auto_augment: str | None = None,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
         flip_tta: bool = True,
     ) -> None:
         super().__init__(options)
+        if auto_augment is not None and auto_augment not in POLICIES:
+            raise ValueError(
+                f"auto_augment must be one of {sorted(POLICIES)} or None, got {auto_augment!r}"
+            )
+        _mixer(mixup_alpha, cutmix_alpha, len(CLASSES))  # bad alphas fail before the data loads
         self.val_size, self.label_smoothing = val_size, label_smoothing
         self.augment_args = {"padding": padding, "cutout": cutout}
+        if auto_augment is not None:  # only when set: older runs' descriptions stay as they were
+            self.augment_args["auto_augment"] = auto_augment
+        self.mix_args = {"mixup_alpha": mixup_alpha, "cutmix_alpha": cutmix_alpha}
         self.flip_tta = flip_tta
         self._data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         kwargs = {"download": options.download}
@@ -197,6 +278,7 @@ class Cifar10(Task):
             world_size=world_size,
             augment_args=self.augment_args,
             channels_last=self.options.channels_last,
+            **self.mix_args,
         )
 
     def loss(self, model: nn.Module, batch, *, distill: Distill | None = None) -> torch.Tensor:
@@ -257,6 +339,7 @@ class Cifar10(Task):
             "eval_limit": self.options.eval_limit,
             "label_smoothing": self.label_smoothing,
             **self.augment_args,
+            **{k: v for k, v in self.mix_args.items() if v},
         }
 
 
