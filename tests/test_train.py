@@ -259,6 +259,62 @@ def test_keep_best_ends_with_the_best_periodic_evaluation(monkeypatch):
         CONFIG.replace(keep_best=True, eval_split="test")
 
 
+def test_keep_best_survives_a_resume(monkeypatch, tmp_path, caplog):
+    """The best weights are written with the training state: a run interrupted after its best
+    evaluation (epoch 2) and resumed still ends with them; a best file that the state does not
+    name (another run's) is not used."""
+    import selact.train.loop as loop
+
+    real = loop.evaluate
+    scores = {1: 0.5, 2: 0.9, 3: 0.6, 4: 0.4}  # val top-1 of the periodic evaluation per epoch
+    now = {"epoch": 1, "stop": 0}
+
+    def scripted(task, model, split, config, **kwargs):
+        result = real(task, model, split, config, **kwargs)
+        if split == "val" and now["epoch"] in scores:
+            result["top1"] = scores[now["epoch"]]
+        return result
+
+    def snapshot(epoch, record):
+        states[epoch] = {k: v.clone() for k, v in net.state_dict().items()}
+        now["epoch"] = epoch + 1
+        if epoch == now["stop"]:
+            raise _Stop
+
+    def run(folder, first, stop=0):  # epochs from ``first`` on, interrupted after ``stop``
+        nonlocal net
+        now.update(epoch=first, stop=stop)
+        net = _net()
+        return fit(task, net, config, run_dir=folder, progress=False, on_epoch_end=snapshot)
+
+    monkeypatch.setattr(loop, "evaluate", scripted)
+    config = CONFIG.replace(epochs=4, eval_every=1, keep_best=True)
+    task, states, net = create_task("toy"), {}, None
+    with pytest.raises(_Stop):
+        run(tmp_path / "a", 1, stop=3)
+    assert json.loads((tmp_path / "a" / "best.json").read_text())["best"] == {
+        "epoch": 2, "score": 0.9,
+    }  # fmt: skip
+    result = run(tmp_path / "a", 4)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+    assert result.info["best_epoch"] == 2 and result.info["val_best_vs_last"] == [0.9, 0.4]
+    for name, value in result.model.state_dict().items():
+        torch.testing.assert_close(value, states[2][name], rtol=0, atol=0)
+
+    scores[2] = 0.3  # another run: its best is epoch 3 (0.6)
+    states.clear()
+    with pytest.raises(_Stop):
+        run(tmp_path / "b", 1, stop=3)
+    for name in ("best.safetensors", "best.json"):  # the first run's file, 0.9 at epoch 2
+        (tmp_path / "b" / name).write_bytes((tmp_path / "a" / name).read_bytes())
+    with caplog.at_level("WARNING", logger=loop.log.name):
+        result = run(tmp_path / "b", 4)
+    assert "not the best weights the training state names" in caplog.text
+    assert "best_epoch" not in result.info  # epoch 4 (0.4) was the best since the resume
+    for name, value in result.model.state_dict().items():
+        torch.testing.assert_close(value, states[4][name], rtol=0, atol=0)
+
+
 def test_checkpoint_seconds_spaces_the_training_states(tmp_path):
     task = create_task("toy")
     seen = []

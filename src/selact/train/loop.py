@@ -19,9 +19,10 @@ What the loop provides for every task:
 - an EMA of the weights (``ema`` > 0): at the end, the EMA or the raw weights, whichever is
   better on the validation split, is evaluated and saved;
 - optionally (``keep_best``, dense training), the weights of the periodic evaluation that scored
-  best on the validation split, kept in memory and saved instead of the last ones where they
-  score better (on an H100 ResNet-20's val accuracy peaked at epoch 160 of 200, 89.4 %, and
-  fell to 88.2 % by the end);
+  best on the validation split, saved instead of the last ones where they score better (on an
+  H100 ResNet-20's val accuracy peaked at epoch 160 of 200, 89.4 %, and fell to 88.2 % by the
+  end); written with each training state where they changed (``run_dir/best.safetensors``, a
+  model checkpoint with sidecar), so that a resumed run still ends with the best of the whole run;
 - a training state after every ``checkpoint_every`` epochs, at most once per
   ``checkpoint_seconds`` (``run_dir/last.safetensors``), and a final model checkpoint
   (``run_dir/model.safetensors``), both with JSON sidecars; with
@@ -57,7 +58,7 @@ from tqdm.auto import tqdm
 
 from selact.config import SelectiveConfig
 from selact.nn.base import SelectiveModule
-from selact.train.checkpoint import load_state, save_model, save_state
+from selact.train.checkpoint import load_model, load_state, read_sidecar, save_model, save_state
 from selact.train.task import Distill, Task
 
 __all__ = [
@@ -325,14 +326,18 @@ def _graph_agrees(model: nn.Module, x: torch.Tensor, config: TrainConfig, device
 
 
 class _BestWeights:
-    """The weights of the periodic evaluation that scored best (``keep_best``), in memory: a
-    resumed run keeps the best since it resumed."""
+    """The weights of the periodic evaluation that scored best (``keep_best``): a copy of the
+    evaluated model, written beside the training state where it changed (``path``), and taken
+    back on resume when the state names it (the state's ``best`` entry: epoch and score), so
+    that neither a file of another run nor one newer than the state is ever used."""
 
-    def __init__(self, task: Task) -> None:
+    def __init__(self, task: Task, path: Path | None) -> None:
         self.higher = task.higher_is_better
+        self.path = path
         self.score: float | None = None
         self.epoch = 0
-        self.state: dict[str, torch.Tensor] | None = None
+        self.module: nn.Module | None = None
+        self.unsaved = False
 
     def _better(self, a: float, b: float) -> bool:
         return a > b if self.higher else a < b
@@ -341,10 +346,39 @@ class _BestWeights:
         """Whether the kept weights score strictly better than ``score``."""
         return self.score is not None and self._better(self.score, score)
 
+    def _copy(self, model: nn.Module) -> nn.Module:
+        module = copy.deepcopy(model)
+        module.__dict__.pop("forward", None)  # a CUDA-graphed forward stays with the original
+        return module.requires_grad_(False)
+
     def offer(self, model: nn.Module, score: float, epoch: int) -> None:
         if self.score is None or self._better(score, self.score):
-            self.score, self.epoch = score, epoch
-            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.score, self.epoch, self.unsaved = score, epoch, True
+            if self.module is None:
+                self.module = self._copy(model)
+            else:
+                self.module.load_state_dict(model.state_dict())
+
+    def meta(self) -> dict[str, Any] | None:
+        """What a training state records of the best weights (None: none yet)."""
+        return None if self.score is None else {"epoch": self.epoch, "score": self.score}
+
+    def write(self) -> None:
+        """Write the weights if they changed since the last write (before the state names them)."""
+        if self.unsaved and self.path is not None and self.module is not None:
+            save_model(self.module, self.path, {"best": self.meta()})
+            self.unsaved = False
+
+    def resume(self, model: nn.Module, named: dict[str, Any] | None) -> None:
+        """Take back the weights a resumed state names (``named``), if their file is that one."""
+        if named is None or self.path is None:
+            return
+        if not self.path.is_file() or read_sidecar(self.path).get("best") != named:
+            log.warning("%s: not the best weights the training state names; lost", self.path)
+            return
+        self.module = self._copy(model)
+        load_model(self.module, self.path)
+        self.score, self.epoch = named["score"], named["epoch"]
 
 
 class _RunClock:
@@ -581,7 +615,10 @@ def fit(
         if ema is not None:
             ema_layers = selective_layers(ema.module)
         out_of_time = meta.get("out_of_time", False)
-        best = _BestWeights(task) if config.keep_best and is_main and not layers else None
+        best = None
+        if config.keep_best and is_main and not layers:
+            best = _BestWeights(task, run_dir / "best.safetensors" if run_dir else None)
+            best.resume(eval_model, meta.get("best"))
         lr = 0.0
         for epoch in range(meta["epoch"], config.epochs):
             if out_of_time:
@@ -651,6 +688,7 @@ def fit(
                 "config": config.to_dict(),
                 "ema_updates": ema.updates if ema else 0,
                 "out_of_time": out_of_time,
+                "best": best.meta() if best is not None else None,
                 "seed": config.seed,
                 "data": task.describe(),
                 **(info or {}),
@@ -661,6 +699,8 @@ def fit(
                     and clock.checkpoint_due(config.checkpoint_seconds)
                 ):
                     clock.checkpoint_written()
+                    if best is not None:
+                        best.write()
                     save_state(
                         state_path,
                         model=model,
@@ -703,10 +743,10 @@ def fit(
         final_info["ema_chosen"] = better
         final_info["val_raw_vs_ema"] = [raw, avg]
         last_val = avg if better else raw
-    if best is not None and best.state is not None:
+    if best is not None and best.module is not None:
         if last_val is None or best.beats(last_val):  # the periodic evaluations' models
             eval_model = ema.module if ema is not None else model
-            eval_model.load_state_dict(best.state)
+            eval_model.load_state_dict(best.module.state_dict())
             final_info["best_epoch"] = best.epoch
         final_info["val_best_vs_last"] = [best.score, last_val]
     if ema is not None:
