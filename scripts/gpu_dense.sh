@@ -18,7 +18,8 @@
 #   (time a model leaves unused goes to the next ones).
 # Writes to $OUT (at most 8 files, the device's return limit): rows.json (every model's rows),
 #   summary.md, log.txt, and dense.tar.part-aa, -ab, ...: the dense checkpoints with their
-#   sidecars (<model>/dense/model.safetensors, model.json) in parts of 15 MB (VGG-16 alone is
+#   sidecars (<model>/dense/model.safetensors, model.json; a model stopped before its end gives its
+#   best weights so far, best.safetensors and best.json) in parts of 15 MB (VGG-16 alone is
 #   59 MB); unpack with `cat dense.tar.part-* | tar x`. Reuse them with
 #   `DENSE_DIR=<unpacked folder> bash scripts/gpu_cifar10.sh ...`.
 set -uo pipefail
@@ -90,8 +91,12 @@ timeout 30 python -m selact report "$OUT/rows.json" --md "$OUT/summary.md" >> "$
   || echo "report failed (rerun: selact report $OUT/rows.json)" >> "$LOG"
 FILES=()
 for MODEL in ${RETURN_MODELS-$MODELS}; do
-  [ -f "$RUNS/$MODEL/dense/model.safetensors" ] \
-    && FILES+=("$MODEL/dense/model.safetensors" "$MODEL/dense/model.json")
+  if [ -f "$RUNS/$MODEL/dense/model.safetensors" ]; then
+    FILES+=("$MODEL/dense/model.safetensors" "$MODEL/dense/model.json")
+  elif [ -f "$RUNS/$MODEL/dense/best.safetensors" ]; then  # stopped before its end: keep_best's
+    FILES+=("$MODEL/dense/best.safetensors" "$MODEL/dense/best.json")
+    echo "$MODEL: no final model; returning its best weights so far (best.json)" >> "$LOG"
+  fi
 done
 if [ ${#FILES[@]} -gt 0 ]; then
   tar cf - -C "$RUNS" "${FILES[@]}" | split -b 15M - "$OUT/dense.tar.part-" \
