@@ -5,10 +5,10 @@ default) train; ``val`` chooses every setting; ``test`` only reports. All images
 task's device as uint8 tensors (150 MB for the whole set), and each epoch is augmented there in
 one pass: 4-pixel zero-padded random crop, horizontal flip, optionally an automatic augmentation
 policy of torchvision (TrivialAugment, RandAugment or AutoAugment's CIFAR-10 policy, drawn per
-group of ``auto_augment_group`` images) and cutout. Training batches can be mixed (torchvision's MixUp
-and CutMix, one of the two per batch), which gives soft labels. The random numbers come from a
-CPU generator seeded by (seed, epoch), so an epoch is the same on any device and after a resume.
-Batches are normalised with the usual CIFAR-10 mean and std.
+group of images) and cutout. Training batches can be mixed (torchvision's MixUp and CutMix, one
+of the two per batch), which gives soft labels. The random numbers come from a CPU generator
+seeded by (seed, epoch), so an epoch is the same on any device and after a resume. Batches are
+normalised with the usual CIFAR-10 mean and std.
 
 Metrics: ``top1`` (the primary metric), ``top1_flip`` (logits averaged over the image and its
 mirror: two forward passes per image, reported beside, never instead) and ``loss`` (plain
@@ -70,9 +70,9 @@ def augment(
 
     The random numbers are drawn on the CPU from ``generator`` (so the result does not depend on
     the device); the pixels are moved on the images' device, ``chunk`` images at a time. The
-    policy draws one operation and magnitude per group of ``auto_augment_group`` consecutive images
-    (torchvision's transforms treat a batch as one image); the order is shuffled before, so the
-    groups are random, and the cost is a few calls per group instead of per image.
+    policy draws one operation and magnitude per group of ``auto_augment_group`` consecutive
+    images (torchvision's transforms treat a batch as one image); the order is shuffled before,
+    so the groups are random, and the cost is a few calls per group instead of per image.
     """
     if auto_augment is not None and auto_augment not in POLICIES:
         raise ValueError(
