@@ -147,6 +147,13 @@ def test_density_one_is_dense_and_report(sweep_rows):
     assert "| sapi | element | global |" in text and "Frontier (sapi" in text
 
 
+def _finetune_args(out: Path) -> list[str]:
+    """``selact finetune`` of the smoke sweep's dense small_cnn (``sweep_rows``'s ``out``)."""
+    dense = out.parent / "run" / "dense" / "model.safetensors"
+    return ["finetune", "--task", "cifar10", "--model", "small_cnn", "--smoke", "--device", "cpu",
+            "--data", str(SHARED_DATA), "--from", str(dense)]  # fmt: skip
+
+
 @pytest.mark.slow
 @needs_data
 def test_finetune_command_searches_as_the_sweep_does(sweep_rows, tmp_path, monkeypatch):
@@ -165,10 +172,8 @@ def test_finetune_command_searches_as_the_sweep_does(sweep_rows, tmp_path, monke
 
     monkeypatch.setattr(selact.amu, "budget_search", spy)
     args = [
-        "finetune", "--task", "cifar10", "--model", "small_cnn", "--smoke", "--device", "cpu",
-        "--data", str(SHARED_DATA), "--from", str(out.parent / "run" / "dense" / "model.safetensors"),
-        "--strategy", "sapi", "--target", "0.5", "--allocation", "global", "--epochs", "1",
-        "--run-dir", str(tmp_path / "ft"), "--no-progress",
+        *_finetune_args(out), "--strategy", "sapi", "--target", "0.5", "--allocation", "global",
+        "--epochs", "1", "--run-dir", str(tmp_path / "ft"), "--no-progress",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -185,11 +190,7 @@ def test_finetune_reuses_searched_densities(sweep_rows, tmp_path, monkeypatch):
 
     _, out, cache = sweep_rows
     monkeypatch.setenv("SELACT_CACHE", str(cache))
-    common = [
-        "finetune", "--task", "cifar10", "--model", "small_cnn", "--smoke", "--device", "cpu",
-        "--data", str(SHARED_DATA), "--from", str(out.parent / "run" / "dense" / "model.safetensors"),
-        "--strategy", "sapi", "--epochs", "1", "--no-progress",
-    ]  # fmt: skip
+    common = [*_finetune_args(out), "--strategy", "sapi", "--epochs", "1", "--no-progress"]
     first = tmp_path / "first.json"
     args = ["--target", "0.5", "--run-dir", str(tmp_path / "a"), "--json", str(first)]
     result = CliRunner().invoke(app, [*common, *args])

@@ -49,6 +49,13 @@ def _global_rng(seed: int) -> Iterator[None]:
         yield
 
 
+def _check_policy(auto_augment: str | None) -> None:
+    if auto_augment is not None and auto_augment not in POLICIES:
+        raise ValueError(
+            f"auto_augment must be one of {sorted(POLICIES)} or None, got {auto_augment!r}"
+        )
+
+
 def _draw_seed(generator: torch.Generator) -> int:
     return int(torch.randint(2**62, (1,), generator=generator))
 
@@ -74,10 +81,7 @@ def augment(
     images (torchvision's transforms treat a batch as one image); the order is shuffled before,
     so the groups are random, and the cost is a few calls per group instead of per image.
     """
-    if auto_augment is not None and auto_augment not in POLICIES:
-        raise ValueError(
-            f"auto_augment must be one of {sorted(POLICIES)} or None, got {auto_augment!r}"
-        )
+    _check_policy(auto_augment)
     if auto_augment_group < 1:
         raise ValueError(f"auto_augment_group must be positive, got {auto_augment_group}")
     n, c, h, w = images.shape
@@ -240,11 +244,8 @@ class Cifar10(Task):
         flip_tta: bool = True,
     ) -> None:
         super().__init__(options)
-        if auto_augment is not None and auto_augment not in POLICIES:
-            raise ValueError(
-                f"auto_augment must be one of {sorted(POLICIES)} or None, got {auto_augment!r}"
-            )
-        _mixer(mixup_alpha, cutmix_alpha, len(CLASSES))  # bad alphas fail before the data loads
+        _check_policy(auto_augment)  # bad settings fail before the data loads
+        _mixer(mixup_alpha, cutmix_alpha, len(CLASSES))
         self.val_size, self.label_smoothing = val_size, label_smoothing
         self.augment_args = {"padding": padding, "cutout": cutout}
         if auto_augment is not None:  # only when set: older runs' descriptions stay as they were
