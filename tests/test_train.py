@@ -97,6 +97,11 @@ def _net() -> nn.Module:
 CONFIG = TrainConfig(epochs=3, batch_size=32, lr=0.1, warmup=0.2, eval_batch_size=64)
 
 
+def test_create_task_names_an_unknown_setting():
+    with pytest.raises(ValueError, match=r"task 'toy' has no setting colour, m; its settings: n"):
+        create_task("toy", colour=1, m=2)
+
+
 def test_registry_lists_tasks_and_names_unknown_ones():
     assert {"cifar10", "toy"} <= set(list_tasks())
     with pytest.raises(KeyError, match="cifar10"):

@@ -377,6 +377,7 @@ def sweep(
             "1/3 ResNet-20, 1/4 VGG-16, 1/2 ViT)."
         ),
     ] = None,
+    task_arg: TaskArg = None,
     out: Annotated[
         str | None,
         typer.Option(help="Rows JSON (default results/<task>/<model>.json; smoke: runs/)."),
@@ -459,6 +460,7 @@ def sweep(
         strategy=strategy,
         finetune_epochs=finetune_epochs,
         frontier=frontier,
+        task_args=_task_args(task_arg, {}),
     )
     try:
         rows = run_sweep(config)

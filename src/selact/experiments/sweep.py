@@ -38,8 +38,9 @@ allocation (uniform, global), target_mac_fraction (the budget asked), target_den
 density, or the mean of the per-layer densities), densities (per layer), executed_mac_fraction and
 zero_skip_mac_fraction (both of dense, on test), executed_over_zero_skip, top1 and top1_flip (test,
 fractions), val_top1, val_top1_flip, val_executed_mac_fraction, calib_executed_mac_fraction (on
-the search's images), finetune_epochs, seed, scale, hardware, command, checkpoint_sha256, commit,
-date; fine-tuning rows add train_seconds and epochs_done.
+the search's images), finetune_epochs, seed, scale, task_args (the task's settings: the recipe's
+with ``--task-arg`` over them), hardware, command, checkpoint_sha256, commit, date; fine-tuning
+rows add train_seconds and epochs_done.
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ class SweepConfig:
     strategy: str | None = None  # the AMU strategy fine-tuned first; None: the recipe's
     finetune_epochs: int | None = None  # None: the recipe's
     frontier: float | None = None  # the MAC target fine-tuned with every seed; None: the recipe's
+    task_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # over the recipe's
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -255,9 +257,12 @@ def _validate(config: SweepConfig) -> tuple[int, int] | None:
 
 def sweep_recipe(config: SweepConfig) -> Recipe:
     """The model's recipe with the sweep's overrides: the strategy fine-tuned first (the other
-    AMU strategy becomes the second), the fine-tuning epochs and the target fine-tuned with
-    every seed."""
+    AMU strategy becomes the second), the fine-tuning epochs, the target fine-tuned with every
+    seed and task settings (``task_args``, over the recipe's: dense training and fine-tuning
+    alike)."""
     rec = recipe(config.model, config.scale)
+    if config.task_args:
+        rec = dataclasses.replace(rec, task_args={**rec.task_args, **config.task_args})
     if config.strategy is not None:
         if config.strategy not in ("sapi", "sapw"):
             raise ValueError(f"strategy must be 'sapi' or 'sapw', got {config.strategy!r}")
@@ -402,6 +407,7 @@ def _child_args(
         *(["--strategy", config.strategy] if config.strategy else []),
         *(["--finetune-epochs", str(config.finetune_epochs)] if config.finetune_epochs else []),
         *(["--frontier", repr(config.frontier)] if config.frontier is not None else []),
+        *(a for k, v in config.task_args.items() for a in ("--task-arg", f"{k}={json.dumps(v)}")),
         "--resume" if config.resume else "--no-resume", "--no-progress",
     ]  # fmt: skip
 
@@ -662,6 +668,7 @@ def run_sweep(
         "hardware": hardware(device),
         "command": config.command,
         "commit": config.commit or commit(),
+        "task_args": rec.task_args,
     }
     rows = _Rows(out, base, [])
     add = rows.add if on_row is None else (lambda r: on_row(rows.add(r)))

@@ -50,6 +50,7 @@ Contract, method by method:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -200,10 +201,22 @@ def register_task(name: str):
 
 
 def create_task(name: str, options: TaskOptions | None = None, **kwargs: Any) -> Task:
-    """Build the task registered as ``name`` from ``options`` and its own keyword arguments."""
+    """Build the task registered as ``name`` from ``options`` and its own keyword arguments
+    (settings it does not take: ValueError, naming them and the ones it takes)."""
     import selact.tasks  # noqa: F401  (registers the built-in tasks)
 
-    return TASKS[name](options or TaskOptions(), **kwargs)
+    cls = TASKS[name]
+    params = inspect.signature(cls.__init__).parameters
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    accepted = {p for p, info in params.items() if info.kind in named} - {"self", "options"}
+    open_ended = any(info.kind is info.VAR_KEYWORD for info in params.values())
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown and not open_ended:
+        raise ValueError(
+            f"task {name!r} has no setting {', '.join(unknown)}; its settings: "
+            f"{', '.join(sorted(accepted)) or 'none'}"
+        )
+    return cls(options or TaskOptions(), **kwargs)
 
 
 def list_tasks() -> list[str]:
