@@ -289,6 +289,11 @@ def test_overrides_change_the_plan_and_the_finetuning():
            "dense_checkpoint_sha256": "d"}  # fmt: skip
     assert done_jobs([row], "d", 8) == {Finetune("sapi", "element", "global", 0.5, 0)}
     assert done_jobs([row], "d", rec.finetune.epochs) == set()
+    # ... nor rows fine-tuned with other task settings (rows without them still count).
+    assert done_jobs([{**row, "task_args": {"cutout": 8}}], "d", 8, {"cutout": 0}) == set()
+    assert done_jobs([{**row, "task_args": {"cutout": 0}}], "d", 8, {"cutout": 0}) == {
+        Finetune("sapi", "element", "global", 0.5, 0)}  # fmt: skip
+    assert len(done_jobs([row], "d", 8, {"cutout": 0})) == 1
     for field, bad, match in (
         ("strategy", "random", "strategy"),
         ("finetune_epochs", 0, "at least"),

@@ -280,21 +280,26 @@ def sweep_recipe(config: SweepConfig) -> Recipe:
 
 
 def done_jobs(
-    rows: list[dict[str, Any]], dense_sha: str | None, finetune_epochs: int
+    rows: list[dict[str, Any]],
+    dense_sha: str | None,
+    finetune_epochs: int,
+    task_args: dict[str, Any] | None = None,
 ) -> set[Eval | Finetune | str]:
     """The jobs (and ``"dense"`` for the dense rows) that ``rows`` already hold for the dense
-    checkpoint of hash ``dense_sha``; fine-tuning rows count only at ``finetune_epochs``."""
+    checkpoint of hash ``dense_sha``; fine-tuning rows count only at ``finetune_epochs`` and, where
+    a row records its task settings (``task_args``, rows since 2026-11-27), only with the same."""
     done: set[Eval | Finetune | str] = set()
     for row in rows:
         if row.get("dense_checkpoint_sha256", row.get("checkpoint_sha256")) != dense_sha:
             continue
         strategy, epochs = row.get("strategy"), row.get("finetune_epochs", 0)
         key = (strategy, row.get("granularity"), row.get("allocation"))
+        same_task = task_args is None or row.get("task_args", task_args) == task_args
         if strategy in ("dense", "zero_skip") and not epochs:
             done.add("dense")
         elif not epochs:
             done.add(Eval(*key))
-        elif epochs == finetune_epochs:
+        elif epochs == finetune_epochs and same_task:
             target = None if strategy == "dense" else row.get("target_mac_fraction")
             done.add(_keyed(Finetune(*key, target, row.get("seed"))))
     return done
@@ -716,7 +721,7 @@ def run_sweep(
         store.clear()  # starting over: no search of an earlier run
     done = set()
     if config.done_rows:
-        done = done_jobs(read_rows(config.done_rows), dense_sha, rec.finetune.epochs)
+        done = done_jobs(read_rows(config.done_rows), dense_sha, rec.finetune.epochs, rec.task_args)
         log.info("sweep: %d jobs already in %s", len(done), config.done_rows)
     eval_config = rec.dense.replace(eval_batch_size=1000)
     common = {
