@@ -43,9 +43,10 @@ def test_torch_compile_matches_eager():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("strategy", "linear_granularity"), [("sapi", "element"), ("sapw", "channel")]
+    ("strategy", "conv_granularity", "linear_granularity"),
+    [("sapi", "channel", "element"), ("sapw", "channel", "channel"), ("sapw", "element", "element")],
 )
-def test_fused_cpu_routes_compile_into_one_graph(strategy, linear_granularity):
+def test_fused_cpu_routes_compile_into_one_graph(strategy, conv_granularity, linear_granularity):
     """The CPU kernels' fused routes (top-k and product in one call) trace as torch ops: the
     whole selective model is one graph (``fullgraph=True`` raises on any break) and gives the
     eager outputs."""
@@ -53,12 +54,13 @@ def test_fused_cpu_routes_compile_into_one_graph(strategy, linear_granularity):
 
     if not cpu.available():
         pytest.skip("the CPU kernels could not be built")
+    torch._dynamo.reset()  # each case's models afresh: recompiles would add up to Dynamo's limit
     torch.manual_seed(0)
     dense = _model()
     linears = {n: {"granularity": linear_granularity} for n, m in dense.named_modules()
                if isinstance(m, nn.Linear)}  # fmt: skip
     model = selact.sparsify(
-        dense, strategy=strategy, density=0.4, granularity="channel", overrides=linears,
+        dense, strategy=strategy, density=0.4, granularity=conv_granularity, overrides=linears,
         counting=False, check_finite=False,
     )  # fmt: skip
     compiled = torch.compile(model, fullgraph=True)
@@ -89,3 +91,9 @@ def test_cpu_kernels_are_custom_ops_with_matching_fake_implementations():
     positions = torch.rand(2, 1, 6, 6) < 0.5
     spatial_args = (image, positions, kernel, None, 2, 1, 1, 1, 1, 1, True)
     torch.library.opcheck(ops.spatial_conv, spatial_args, test_utils=checks)
+    inputs = torch.rand(2, 5, 6, 6) < 0.5
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        operand = image.contiguous(memory_format=memory_format)
+        for mask, k in ((None, 60), (inputs, 0)):
+            element_args = (operand, mask, k, None, kernel, b[:4], *geometry, True)
+            torch.library.opcheck(ops.element_conv, element_args, test_utils=checks)

@@ -127,3 +127,93 @@ def test_fused_route_at_density_one_is_the_dense_layer():
     with torch.inference_mode():
         assert keep_all._fused_route(x)
         torch.testing.assert_close(keep_all(x), F.conv2d(x, conv.weight, conv.bias, 1, 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 5),
+    c_in=st.integers(1, 40),
+    c_out=st.integers(1, 70),
+    size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    kernel=st.sampled_from([1, 2, 3]),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 2),
+    dilation=st.integers(1, 2),
+    density=st.floats(0.01, 0.99),
+    strategy=st.sampled_from(["sapi", "sapw"]),
+    bias=st.booleans(),
+    channels_last=st.booleans(),
+    zero_channels=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_element_route_keeps_the_amus_top_k_and_multiplies_exactly(
+    batch, c_in, c_out, size, kernel, stride, padding, dilation, density, strategy, bias,
+    channels_last, zero_channels, seed,
+):  # fmt: skip
+    """Element granularity: the kernel's top-k of each sample's C·H·W inputs is the AMU's mask
+    (ties, such as dead channels' zeros, to the lower index), and the output and MACs are the
+    reference's for that mask."""
+    h, w = size
+    if min(h, w) + 2 * padding - dilation * (kernel - 1) < 1:
+        return  # no output position
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation, bias=bias)
+    config = selact.SelectiveConfig(
+        granularity="element", check_finite=False, strategy=strategy, density=density
+    )
+    layer = SelectiveConv2d(conv, config)
+    x = _input((batch, c_in, h, w), zero_channels, channels_last, seed)
+    norms = amu.input_norms(conv.weight, "conv") if strategy == "sapw" else None
+    with torch.inference_mode():
+        assert layer._fused_route(x)
+        y_layer = layer(x)
+        y, keep, executed = cpu.select_element_conv2d(
+            x, conv.weight, conv.bias, cpu.conv_geometry(stride, padding, dilation),
+            keep=amu.keep_count(density, c_in * h * w),
+            norms=None if norms is None else norms.reshape(-1),
+        )  # fmt: skip
+        mask = amu.mask(x, conv.weight, config, layout="conv", norms=norms)
+    assert torch.equal(y_layer, y)
+    assert torch.equal(keep, mask.expand_as(x))
+    expected, expected_macs = mgemm.conv2d(
+        x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(),
+        stride, padding, dilation, in_mask=mask, backend="reference",
+    )  # fmt: skip
+    tol = 1e-5 * math.sqrt(c_in * kernel * kernel)
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
+    assert int(executed) == int(expected_macs)
+
+
+@pytest.mark.parametrize("case", ["random", "dead channels", "sample misleads", "all equal"])
+def test_fused_element_top_k_of_large_maps(case):
+    """Maps of 8192 inputs or more: the kernel brackets the k-th score from a sample of 1024 and
+    falls back to the full radix select where the sample misleads; ties (many exact zeros, equal
+    scores) still go to the lower (c, h, w) index, as the AMU ranks them."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 32, 32).relu()
+    if case == "dead channels":  # fewer nonzero inputs than kept: ties at zero
+        x[:, :12] = 0
+    elif case == "sample misleads":  # every 16th input (the sample) far above the rest
+        x.view(2, -1)[:, ::16] = 100.0
+    elif case == "all equal":
+        x = torch.ones_like(x)
+    x = x.contiguous(memory_format=torch.channels_last)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    config = selact.SelectiveConfig(granularity="element", density=1 / 3, check_finite=False)
+    k = amu.keep_count(1 / 3, x[0].numel())
+    with torch.inference_mode():
+        y, keep, executed = cpu.select_element_conv2d(
+            x, conv.weight, conv.bias, (1, 1, 1, 1, 1, 1), keep=k
+        )
+        mask = amu.mask(x, conv.weight, config, layout="conv")
+    assert torch.equal(keep, mask)
+    assert keep.flatten(1).sum(1).tolist() == [k, k]
+    torch.testing.assert_close(y, F.conv2d(x * mask, conv.weight, conv.bias, 1, 1))
+
+
+def test_fused_element_route_matches_the_general_route_on_a_model():
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10).eval()
+    assert_fused_routes_match_the_general_route(
+        model, torch.randn(2, 3, 32, 32), strategy="sapw", density=1 / 3, granularity="element"
+    )

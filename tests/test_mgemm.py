@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from selact import mgemm
 from selact.mgemm import BACKENDS, Backend, BackendError
-from selact.mgemm.registry import forget_plans
+from selact.mgemm.registry import choose, forget_plans
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 #: Per-element tolerance of a length-K dot product, scaled by sqrt(K) in ``_close``: about 4 ulps.
@@ -486,6 +486,81 @@ def test_cpu_spatial_conv_matches_brute_force(
     expected = F.conv2d((x * mask).double(), weight.double(), bias.double(), *args)
     _close(y, expected, torch.float32, c_in * kernel[0] * kernel[1])
     assert int(macs) == _unfold_macs((x * mask) != 0, weight.shape, *args)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    c_in=st.integers(1, 40),  # within one 16-channel register and across two or three
+    c_out=st.integers(1, 70),  # beyond the 64 output columns a scatter call holds in registers
+    size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    kernel=st.tuples(st.integers(1, 5), st.integers(1, 3)),  # rows of 4-5 taps: the gather form
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    kind=st.sampled_from(["half", "empty", "full", "shared"]),
+    x_channels_last=st.booleans(),
+    mask_channels_last=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_cpu_element_conv_matches_brute_force(
+    batch, c_in, c_out, size, kernel, stride, padding, dilation, kind, x_channels_last,
+    mask_channels_last, seed,
+):  # fmt: skip
+    """The ``cpu`` backend's element-masked convolution (the scatter form at any stride with
+    kernel rows of at most 3 reaching taps, the gather form otherwise; either memory format of x
+    and the mask) against float64 PyTorch on the masked input, and its MACs against an independent
+    count (unfold)."""
+    from selact.mgemm import cpu
+
+    if not cpu.available():
+        pytest.skip("the CPU kernels could not be built")
+    if any(
+        s + 2 * p - d * (k - 1) < 1
+        for s, p, d, k in zip(size, padding, dilation, kernel, strict=True)
+    ):
+        return  # no output position
+    x = _relu_input((batch, c_in, *size), torch.float32, seed)
+    if x_channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(c_out, c_in, *kernel), torch.randn(c_out)
+    mask = _mask(
+        (1 if kind == "shared" else batch, c_in, *size), {"shared": "half"}.get(kind, kind), seed
+    )
+    if mask_channels_last:
+        mask = mask.contiguous(memory_format=torch.channels_last)
+    args = (stride, padding, dilation, 1)
+    y, kept, macs = cpu.KERNELS["element_conv"](
+        x, mask, 0, None, weight, bias, *cpu.conv_geometry(*args[:3]), True
+    )
+    assert kept is None  # the mask was given
+    expected = F.conv2d((x * mask).double(), weight.double(), bias.double(), *args)
+    _close(y, expected, torch.float32, c_in * kernel[0] * kernel[1])
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert int(macs) == _unfold_macs((x * mask) != 0, weight.shape, *args)
+
+
+def test_cpu_element_conv_is_served_and_planned():
+    """Element masks (B or 1, C, H, W) go to the ``cpu`` backend's element kernel, planned like the
+    other masks; a mask of other sizes is declined with the reason."""
+    from selact.mgemm import cpu
+
+    if not cpu.available():
+        pytest.skip("the CPU kernels could not be built")
+    forget_plans()
+    x, w, b = torch.randn(2, 6, 7, 7).relu(), torch.randn(5, 6, 3, 3), torch.randn(5)
+    mask = torch.rand(2, 6, 7, 7) < 0.4
+    assert choose(mgemm.conv2d_case(x, w, b, 1, 1, in_mask=mask)).name == "cpu"
+    expected = F.conv2d(x * mask, w, b, 1, 1)
+    for _ in range(2):  # planned by the first call, served by the plan
+        y, macs = mgemm.conv2d(x, w, b, 1, 1, in_mask=mask)
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+        assert int(macs) == _unfold_macs((x * mask) != 0, w.shape, 1, 1, 1, 1)
+    planned = cpu.PLANNED["conv2d"](x, w, b, 1, 1, 1, 1, mask, False, None)
+    assert planned is not None
+    torch.testing.assert_close(planned[0], expected, rtol=1e-4, atol=1e-4)
+    reason = mgemm.why_not("cpu", mgemm.conv2d_case(x, w, b, 1, 1, in_mask=mask[:, :, :1]))
+    assert reason is not None and "element masks of (B or 1, C, H, W)" in reason
 
 
 def test_cpu_spatial_conv_plans_its_calls_at_any_stride():

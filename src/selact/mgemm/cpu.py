@@ -13,7 +13,9 @@ contiguous row per input, so a dropped input costs no memory traffic at all. flo
   over a zero-padded copy of the kept channels, any size, stride, padding and dilation; the
   samples of a batch side by side, one thread each. With spatial masks (any stride): the kept
   positions' inputs times every weight they feed (at stride s, each tap times the positions it
-  meets), each product then added where it lands. Outputs are in channels-last memory format.
+  meets), each product then added where it lands. With element masks (any stride): the kept
+  nonzero inputs listed per input row, each added times its weights into the output rows it
+  reaches, held in L1 (a scatter, no GEMM). Outputs are in channels-last memory format.
 
 The public ops' call signatures that the dispatcher gives this backend are planned in the
 kernels (:func:`plan`), which then serve later calls of them without Python (:data:`PLANNED`).
@@ -87,6 +89,7 @@ def _build() -> str | None:
             ("select_linear", "select_linear", _select_linear_fake),
             ("conv2d", "channel_conv", _channel_conv_fake),
             ("spatial_conv", "spatial_conv", _spatial_conv_fake),
+            ("element_conv", "element_conv", _element_conv_fake),
             ("topk_mask", "topk_mask", _topk_mask_fake),
         ):
             torch.library.register_fake(f"selact_cpu::{op}")(fake)
@@ -133,6 +136,15 @@ def _spatial_conv_fake(x, mask, weight, bias, sh, sw, ph, pw, dh, dw, count):
         memory_format=torch.channels_last,
     )  # fmt: skip
     return y, torch.empty((), dtype=torch.long)
+
+
+def _element_conv_fake(x, mask, k, norms, weight, bias, sh, sw, ph, pw, dh, dw, count):
+    h_out, w_out = _output_size(x.shape[2:], weight.shape[2:], (sh, sw), (ph, pw), (dh, dw))
+    y = torch.empty(
+        x.shape[0], weight.shape[0], h_out, w_out, dtype=x.dtype, device=x.device,
+        memory_format=torch.channels_last,
+    )  # fmt: skip
+    return y, x.new_empty(x.shape, dtype=torch.bool), torch.empty((), dtype=torch.long)
 
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -224,8 +236,16 @@ def conv2d(
     x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, in_mask=None, count=True
 ):
     """A channel-masked convolution as an implicit GEMM over the kept channels, a spatially
-    masked one as a GEMM of the kept positions scattered to the outputs (channels-last output)."""
+    masked one as a GEMM of the kept positions scattered to the outputs, an element-masked one
+    as the kept nonzero inputs scattered times their weights (channels-last output)."""
     geometry = conv_geometry(stride, padding, dilation)
+    if in_mask is not None and _element(in_mask.shape):
+        args = (x, in_mask, 0, None, weight, bias, *geometry, count)
+        if torch.compiler.is_compiling():
+            y, _, macs = torch.ops.selact_cpu.element_conv(*args)
+            return y, _macs(macs, count)
+        y, _, macs = KERNELS["element_conv"](*args)
+        return y, macs
     if in_mask is not None and _spatial(in_mask.shape):
         args = (x, in_mask, weight, bias, *geometry, count)
         if torch.compiler.is_compiling():
@@ -258,6 +278,20 @@ def select_conv2d(x, weight, bias, geometry, *, keep, norms=None, count=True):
         )
         return y, kept, _macs(macs, count)
     return KERNELS["conv2d"](x, None, keep, norms, weight, bias, *geometry, count)
+
+
+def select_element_conv2d(x, weight, bias, geometry, *, keep, norms=None, count=True):
+    """The AMU's element top-k and the convolution over the kept inputs, in one kernel call: per
+    sample of ``x`` (B, C, H, W) the ``keep`` inputs of largest ``|x|`` (SAPI), times ``norms``
+    (C,) of their channels for SAPW; ties go to the lower index in (C, H, W) order. The selection
+    of :func:`selact.amu.mask` with element granularity and a top-k budget. ``geometry``:
+    :func:`conv_geometry`. Returns (y, mask (B, C, H, W) bool, MACs or None)."""
+    if torch.compiler.is_compiling():
+        y, kept, macs = torch.ops.selact_cpu.element_conv(
+            x, None, keep, norms, weight, bias, *geometry, count
+        )
+        return y, kept, _macs(macs, count)
+    return KERNELS["element_conv"](x, None, keep, norms, weight, bias, *geometry, count)
 
 
 def available() -> bool:
@@ -311,17 +345,27 @@ def _spatial(mask_shape: tuple[int, ...]) -> bool:
     return len(mask_shape) == 4 and mask_shape[1] == 1 and mask_shape[2] * mask_shape[3] > 1
 
 
+def _element(mask_shape: tuple[int, ...]) -> bool:
+    """Whether a convolution's mask keeps single inputs: (B or 1, C, H, W), more than one channel
+    and more than one position."""
+    return len(mask_shape) == 4 and mask_shape[1] > 1 and mask_shape[2] * mask_shape[3] > 1
+
+
 def _check_conv(case: Case) -> str | None:
     mask, x = case.shapes["in_mask"], case.shapes["x"]
     _, padding, _, groups = case.shapes["params"]
     if groups != (1,) or isinstance(padding, str):
         return "it takes ungrouped convolutions with numeric padding"
+    if mask is not None and _element(mask):
+        if mask[1:] != x[1:] or mask[0] not in (1, x[0]):
+            return "it takes element masks of (B or 1, C, H, W) only"
+        return _unavailable()
     if mask is not None and _spatial(mask):
         if mask[2:] != x[2:] or mask[0] not in (1, x[0]):
             return "it takes spatial masks of (B or 1, 1, H, W) only"
         return _unavailable()
     if mask is None or len(mask) != 4 or mask[2:] != (1, 1):
-        return "it takes channel, batch-shared or spatial masks only"
+        return "it takes channel, batch-shared, spatial or element masks only"
     return _unavailable()
 
 

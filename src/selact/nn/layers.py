@@ -91,15 +91,15 @@ class SelectiveConv2d(SelectiveModule):
         return y.squeeze(0) if unbatched else y
 
     def _fused_route(self, x: torch.Tensor) -> bool:
-        """Whether this call takes the CPU kernels' fused route: the AMU's channel top-k and the
-        channel-masked convolution in one kernel call (at batch 1 on small maps the mask's
+        """Whether this call takes the CPU kernels' fused route: the AMU's channel or element
+        top-k and the masked convolution in one kernel call (at batch 1 on small maps the mask's
         tensor ops and the dispatcher's checks cost more than the convolution)."""
-        if (
-            not self.fused_keep(self.in_channels, ("channel",))
-            or self.groups != 1
-            or self.padding_mode != "zeros"
-            or isinstance(self.padding, str)
-        ):
+        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return False
+        element = self.config.granularity == "element"
+        _, c, h, w = x.shape  # a sample's top-k ranks c·h·w inputs (element) or c channels
+        units = c * h * w if element else c
+        if not self.fused_keep(units, ("channel", "element")):
             return False
         if not self._fused_geometry:  # what depends on the layer alone, once
             self._fused_geometry = cpu.conv_geometry(self.stride, self.padding, self.dilation)
@@ -110,6 +110,12 @@ class SelectiveConv2d(SelectiveModule):
         if self.config.strategy == "sapw":
             norms = self._input_norms(self.weight, "conv", 1).reshape(-1)
         counting = self.config.counting
+        if self.config.granularity == "element":
+            y, keep, executed = cpu.select_element_conv2d(
+                x, self.weight, self.bias, self._fused_geometry, keep=self._fused_keep,
+                norms=norms, count=counting,
+            )  # fmt: skip
+            return (keep if counting else None), y, executed
         y, keep, executed = cpu.select_conv2d(
             x, self.weight, self.bias, self._fused_geometry, keep=self._fused_keep, norms=norms,
             count=counting,

@@ -45,6 +45,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -475,6 +476,35 @@ Key refine_threshold(const Key* __restrict key, int64_t n, int64_t k, Key prefix
 constexpr int RADIX_BITS = 11;                // bits of the first pass's histogram
 constexpr int64_t RADIX_MIN = 4 << RADIX_BITS;  // rows from which the histogram pays
 
+// The k-th largest of key[0:n] (0 < k <= n, any order), by radix select: for long rows a
+// histogram of the top RADIX_BITS bits finds its bucket, then refine_threshold its lower bits.
+template <class Key>
+Key kth_largest_key(const Key* __restrict key, int64_t n, int64_t k) {
+  constexpr int BITS = 8 * static_cast<int>(sizeof(Key)), SHIFT = BITS - RADIX_BITS;
+  if (n < RADIX_MIN || k == 0) return refine_threshold(key, n, k, Key{0}, BITS - 1);
+  thread_local std::vector<Key> bucket;
+  // four histograms side by side: runs of equal buckets (common in activations) would
+  // otherwise chain every increment on the one before
+  constexpr int64_t B = int64_t{1} << RADIX_BITS;
+  thread_local std::vector<int32_t> count;
+  count.assign(4 * B, 0);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int64_t j = 0; j < 4; ++j) ++count[j * B + (key[i + j] >> SHIFT)];
+  for (; i < n; ++i) ++count[key[i] >> SHIFT];
+  int64_t top = B - 1, above = 0;  // the bucket of the k-th key, and the keys above it
+  auto in_bucket = [&](int64_t b) { return count[b] + count[B + b] + count[2 * B + b] + count[3 * B + b]; };
+  while (above + in_bucket(top) < k) above += in_bucket(top--);
+  bucket.resize(static_cast<size_t>(in_bucket(top)) + 1);
+  Key* out = bucket.data();
+  int64_t m = 0;
+  for (int64_t j = 0; j < n; ++j) {  // without a branch: every key written, the bucket's kept
+    out[m] = key[j];
+    m += static_cast<int64_t>(key[j] >> SHIFT) == top;
+  }
+  return refine_threshold(out, m, k - above, static_cast<Key>(static_cast<Key>(top) << SHIFT), SHIFT - 1);
+}
+
 // keep[i] = true for the k first of score[0:n] in the AMU's order: larger first, NaN above every
 // number, ties to the lower i. A radix select, branch-free where it counts: the k-th largest key
 // (the threshold) is built bit by bit, each bit one vectorised counting pass (32 for float, 64 for
@@ -486,36 +516,11 @@ constexpr int64_t RADIX_MIN = 4 << RADIX_BITS;  // rows from which the histogram
 template <class T>
 void keep_top_k(const T* score, int64_t n, int64_t k, bool* keep) {
   using Key = decltype(order_key(T{}));
-  constexpr int BITS = 8 * static_cast<int>(sizeof(Key)), SHIFT = BITS - RADIX_BITS;
-  thread_local std::vector<Key> keys, bucket;
+  thread_local std::vector<Key> keys;
   keys.resize(static_cast<size_t>(n));
   Key* __restrict key = keys.data();
   for (int64_t i = 0; i < n; ++i) key[i] = order_key(score[i]);
-  Key threshold;
-  if (n < RADIX_MIN || k == 0) {
-    threshold = refine_threshold(key, n, k, Key{0}, BITS - 1);
-  } else {
-    // four histograms side by side: runs of equal buckets (common in activations) would
-    // otherwise chain every increment on the one before
-    constexpr int64_t B = int64_t{1} << RADIX_BITS;
-    thread_local std::vector<int32_t> count;
-    count.assign(4 * B, 0);
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4)
-      for (int64_t j = 0; j < 4; ++j) ++count[j * B + (key[i + j] >> SHIFT)];
-    for (; i < n; ++i) ++count[key[i] >> SHIFT];
-    int64_t top = B - 1, above = 0;  // the bucket of the k-th key, and the keys above it
-    auto in_bucket = [&](int64_t b) { return count[b] + count[B + b] + count[2 * B + b] + count[3 * B + b]; };
-    while (above + in_bucket(top) < k) above += in_bucket(top--);
-    bucket.resize(static_cast<size_t>(in_bucket(top)) + 1);
-    Key* out = bucket.data();
-    int64_t m = 0;
-    for (int64_t j = 0; j < n; ++j) {  // without a branch: every key written, the bucket's kept
-      out[m] = key[j];
-      m += static_cast<int64_t>(key[j] >> SHIFT) == top;
-    }
-    threshold = refine_threshold(out, m, k - above, static_cast<Key>(static_cast<Key>(top) << SHIFT), SHIFT - 1);
-  }
+  const Key threshold = kth_largest_key(key, n, k);
   using Count = std::make_signed_t<Key>;
   Count above = 0;
 #pragma omp simd reduction(+ : above)
@@ -1068,6 +1073,558 @@ std::tuple<at::Tensor, int64_t> spatial_conv(const at::Tensor& x, const at::Tens
   return {y, nonzero_reach * n_out};
 }
 
+// Whether a convolution's mask keeps single inputs: (B or 1, C, H, W) with more than one channel
+// and more than one position (coarser masks are channel_conv's or spatial_conv's).
+bool is_element_mask(const at::Tensor& mask, const at::Tensor& x) {
+  return mask.dim() == 4 && x.dim() == 4 && mask.size(1) > 1 && mask.size(2) * mask.size(3) > 1;
+}
+
+// The AMU's element top-k for SAPI (norms undefined) and SAPW, per sample: the k inputs of x[s]
+// (C·H·W of them, any strides) with the largest |x| (times norms[c]), into keep[0 : C·H·W]
+// (c, iy, ix) order; ties go to the lower index. The selection of selact.amu.mask with element
+// granularity and a top-k budget.
+void element_topk(const float* xs, int64_t C, int64_t H, int64_t W, int64_t s1, int64_t s2, int64_t s3,
+                  const float* norms, int64_t k, bool* keep) {
+  const int64_t n = C * H * W;
+  if (k >= n) {
+    std::memset(keep, 1, static_cast<size_t>(n));
+    return;
+  }
+  thread_local std::vector<float> score;
+  score.resize(static_cast<size_t>(n));
+  float* __restrict sp = score.data();
+  for (int64_t c = 0; c < C; ++c) {
+    const float scale = norms ? norms[c] : 1.0f;
+    for (int64_t iy = 0; iy < H; ++iy) {
+      const float* row = xs + c * s1 + iy * s2;
+      float* out = sp + (c * H + iy) * W;
+      if (norms) {
+        for (int64_t ix = 0; ix < W; ++ix) out[ix] = std::fabs(row[ix * s3]) * scale;
+      } else {
+        for (int64_t ix = 0; ix < W; ++ix) out[ix] = std::fabs(row[ix * s3]);
+      }
+    }
+  }
+  keep_top_k(sp, n, k, keep);
+}
+
+// A sample's kept nonzero inputs, listed per input position (each list in channel order): their
+// values and the offsets in the packed weight of their channels' first taps (c · taps · Np).
+struct KeptLists {
+  std::vector<float> value;
+  std::vector<int32_t> offset;
+  std::vector<int64_t> first;   // per position: where its list starts
+  std::vector<int32_t> length;  // per position
+};
+
+// One output position's reads (the gather form, any stride): for each tap whose input position
+// keeps something, that position's list, its length and the tap's offset (tap · Np).
+struct Reads {
+  const float* value[64];
+  const int32_t* offset[64];
+  int32_t count[64], tap[64];
+  int n = 0;
+};
+
+#if defined(__AVX512F__)
+// Gather form: out[0 : 16·NV] (the last register only the lanes in `tail`) = bias + Σ over the
+// reads of value · wt[offset + tap : ...]. U sets of accumulators take the list's entries in
+// turn, so that U·NV chains of multiply-adds are in flight.
+template <int NV>
+void position_sums(const Reads& r, const float* wt, const float* bias, float* out, __mmask16 tail) {
+  constexpr int U = NV >= 3 ? 1 : 4 / NV;
+  __m512 acc[U][NV];
+  for (int u = 0; u < U; ++u)
+    for (int q = 0; q < NV; ++q) {
+      const __mmask16 lanes = q == NV - 1 ? tail : __mmask16(0xFFFF);
+      acc[u][q] = u == 0 && bias ? _mm512_maskz_loadu_ps(lanes, bias + 16 * q) : _mm512_setzero_ps();
+    }
+  for (int t = 0; t < r.n; ++t) {
+    const float* value = r.value[t];
+    const int32_t* offset = r.offset[t];
+    const int64_t n = r.count[t];
+    const float* w = wt + r.tap[t];
+    int64_t j = 0;
+    for (; j + U <= n; j += U)
+      for (int u = 0; u < U; ++u) {
+        const __m512 v = _mm512_set1_ps(value[j + u]);
+        const float* wj = w + offset[j + u];
+        for (int q = 0; q < NV; ++q) acc[u][q] = _mm512_fmadd_ps(v, _mm512_loadu_ps(wj + 16 * q), acc[u][q]);
+      }
+    for (; j < n; ++j) {
+      const __m512 v = _mm512_set1_ps(value[j]);
+      const float* wj = w + offset[j];
+      for (int q = 0; q < NV; ++q) acc[0][q] = _mm512_fmadd_ps(v, _mm512_loadu_ps(wj + 16 * q), acc[0][q]);
+    }
+  }
+  for (int u = 1; u < U; ++u)
+    for (int q = 0; q < NV; ++q) acc[0][q] = _mm512_add_ps(acc[0][q], acc[u][q]);
+  for (int q = 0; q < NV; ++q)
+    _mm512_mask_storeu_ps(out + 16 * q, q == NV - 1 ? tail : __mmask16(0xFFFF), acc[0][q]);
+}
+
+// out[0 : n] for the columns [n0, n0 + n) of the outputs, n ≤ 64.
+void position_chunk(const Reads& r, const float* wt, const float* bias, float* out, int64_t n) {
+  const int nv = static_cast<int>((n + LANES - 1) / LANES);
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - (nv - 1) * LANES)) - 1u);
+  switch (nv) {
+    case 1: return position_sums<1>(r, wt, bias, out, tail);
+    case 2: return position_sums<2>(r, wt, bias, out, tail);
+    case 3: return position_sums<3>(r, wt, bias, out, tail);
+    default: return position_sums<4>(r, wt, bias, out, tail);
+  }
+}
+
+// Scatter form: the n inputs of one position's list, each times its weights for KW taps of one
+// row of the kernel (wt + offset + tap[t]), added into the KW output positions they reach (acc +
+// reach[t]; 16·NV floats each), held in registers across the list (one row of taps at a time:
+// the compiler keeps up to 12 accumulators in registers, where 9·NV went through the stack). Per
+// input one broadcast and KW·NV multiply-adds, each reading its weight from the packed row.
+template <int KW, int NV>
+void scatter_position(const float* value, const int32_t* offset, int64_t n, const float* wt, const int64_t* tap,
+                      float* acc, const int64_t* reach) {
+  __m512 sum[KW][NV];
+  for (int t = 0; t < KW; ++t)
+    for (int q = 0; q < NV; ++q) sum[t][q] = _mm512_loadu_ps(acc + reach[t] + 16 * q);
+  for (int64_t j = 0; j < n; ++j) {
+    const __m512 v = _mm512_set1_ps(value[j]);
+    const float* w = wt + offset[j];
+    for (int t = 0; t < KW; ++t)
+      for (int q = 0; q < NV; ++q) sum[t][q] = _mm512_fmadd_ps(v, _mm512_loadu_ps(w + tap[t] + 16 * q), sum[t][q]);
+  }
+  for (int t = 0; t < KW; ++t)
+    for (int q = 0; q < NV; ++q) _mm512_storeu_ps(acc + reach[t] + 16 * q, sum[t][q]);
+}
+
+template <int KW>
+void scatter_columns(const float* value, const int32_t* offset, int64_t n, const float* wt, int64_t Np,
+                     const int64_t* tap, float* acc, const int64_t* reach) {
+  for (int64_t v0 = 0, vectors = Np / LANES; v0 < vectors; v0 += 4) {
+    const int64_t nv = std::min<int64_t>(4, vectors - v0), c0 = v0 * LANES;
+    if (nv == 1) scatter_position<KW, 1>(value, offset, n, wt + c0, tap, acc + c0, reach);
+    else if (nv == 2) scatter_position<KW, 2>(value, offset, n, wt + c0, tap, acc + c0, reach);
+    else if (nv == 3) scatter_position<KW, 3>(value, offset, n, wt + c0, tap, acc + c0, reach);
+    else scatter_position<KW, 4>(value, offset, n, wt + c0, tap, acc + c0, reach);
+  }
+}
+
+// scatter_position over all Np columns (up to 4 registers of them at a time) for the `taps`
+// (1 to 3) taps of one kernel row that reach outputs from this position.
+void scatter_list(int64_t taps, const float* value, const int32_t* offset, int64_t n, const float* wt, int64_t Np,
+                  const int64_t* tap, float* acc, const int64_t* reach) {
+  if (taps == 1) scatter_columns<1>(value, offset, n, wt, Np, tap, acc, reach);
+  else if (taps == 2) scatter_columns<2>(value, offset, n, wt, Np, tap, acc, reach);
+  else scatter_columns<3>(value, offset, n, wt, Np, tap, acc, reach);
+}
+
+// Order keys (order_key) of 16 non-negative-or-NaN scores at once.
+inline __m512i order_keys(__m512 f) {
+  const __m512i u = _mm512_castps_si512(_mm512_add_ps(f, _mm512_setzero_ps()));
+  const __m512i key = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), _mm512_set1_epi32(INT32_MIN)));
+  return _mm512_mask_mov_epi32(key, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(-1));
+}
+
+// The k-th largest of key[0:n] (0 < k < n), first bracketed from a sample: the sample's ranks
+// around k's (a margin of 4 standard deviations of a sampled rank, and 8) give two keys between
+// which the k-th lies, checked by one vectorised counting pass; the keys between them (a few
+// percent) are then compressed out and the k-th found among them. Where the bracket misses (a
+// sample far off), the radix select of all keys (kth_largest_key). About 5 times faster than that
+// on 16384 activations, whose histogram pass costs a scalar increment a key.
+uint32_t kth_largest_key_sampled(const uint32_t* key, int64_t n, int64_t k) {
+  constexpr int64_t SAMPLE = 1024;
+  if (n < 8 * SAMPLE) return kth_largest_key(key, n, k);
+  thread_local std::vector<uint32_t> sample, between;
+  const int64_t step = n / SAMPLE;
+  sample.resize(static_cast<size_t>(SAMPLE));
+  for (int64_t i = 0; i < SAMPLE; ++i) sample[i] = key[i * step];
+  const double share = static_cast<double>(k) / static_cast<double>(n);
+  const double rank = share * SAMPLE, margin = 4.0 * std::sqrt(SAMPLE * share * (1.0 - share)) + 8.0;
+  const int64_t upper_rank = static_cast<int64_t>(rank - margin), lower_rank = static_cast<int64_t>(rank + margin);
+  auto larger = std::greater<uint32_t>();
+  uint32_t upper = ~0u, lower = 0u;  // the bracket: keys in [lower, upper]
+  if (upper_rank >= 0) {
+    std::nth_element(sample.begin(), sample.begin() + upper_rank, sample.end(), larger);
+    upper = sample[upper_rank];
+  }
+  if (lower_rank < SAMPLE) {
+    std::nth_element(sample.begin(), sample.begin() + lower_rank, sample.end(), larger);
+    lower = sample[lower_rank];
+  }
+  int64_t above = 0, at_least = 0;  // keys > upper, keys >= lower
+  const __m512i hi = _mm512_set1_epi32(static_cast<int32_t>(upper)), lo = _mm512_set1_epi32(static_cast<int32_t>(lower));
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES) {
+    const __m512i kv = _mm512_loadu_si512(key + i);
+    above += _mm_popcnt_u32(_mm512_cmpgt_epu32_mask(kv, hi));
+    at_least += _mm_popcnt_u32(_mm512_cmpge_epu32_mask(kv, lo));
+  }
+  for (; i < n; ++i) above += key[i] > upper, at_least += key[i] >= lower;
+  if (!(above < k && k <= at_least)) return kth_largest_key(key, n, k);
+  between.resize(static_cast<size_t>(at_least - above + LANES));
+  int64_t m = 0;
+  for (i = 0; i + LANES <= n; i += LANES) {
+    const __m512i kv = _mm512_loadu_si512(key + i);
+    const __mmask16 in = _mm512_cmpge_epu32_mask(kv, lo) & _mm512_cmple_epu32_mask(kv, hi);
+    _mm512_storeu_si512(between.data() + m, _mm512_maskz_compress_epi32(in, kv));
+    m += _mm_popcnt_u32(in);
+  }
+  for (; i < n; ++i)
+    if (key[i] >= lower && key[i] <= upper) between[m++] = key[i];
+  const int64_t r = k - above - 1;  // the k-th overall is the (k - above)-th largest in the bracket
+  std::nth_element(between.begin(), between.begin() + r, between.begin() + m, larger);
+  return between[r];
+}
+
+// The AMU's element top-k of a channels-last sample (channels contiguous, position (iy, ix) at
+// xs + iy · s2 + ix · s3) as a rule the list builder applies per 16 channels: keys (C per
+// position, position-major) above `threshold` are kept, those equal to it too where `all_ties`,
+// else those marked in `chosen` (the first ties in (c, iy, ix) order, as selact.amu ranks them).
+struct TopK {
+  std::vector<uint32_t> keys;
+  std::vector<uint8_t> chosen;
+  uint32_t threshold = 0;
+  bool all_ties = true;
+};
+
+void element_topk_channels_last(const float* xs, int64_t C, int64_t H, int64_t W, int64_t s2, int64_t s3,
+                                const float* norms, int64_t k, TopK& top) {
+  const int64_t n = C * H * W;
+  top.keys.resize(static_cast<size_t>(n));
+  uint32_t* key = top.keys.data();
+  for (int64_t iy = 0; iy < H; ++iy)
+    for (int64_t ix = 0; ix < W; ++ix) {
+      const float* in = xs + iy * s2 + ix * s3;
+      uint32_t* out = key + (iy * W + ix) * C;
+      for (int64_t c0 = 0; c0 < C; c0 += LANES) {
+        const __mmask16 lanes = C - c0 >= LANES ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c0)) - 1u);
+        __m512 score = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes, in + c0));
+        if (norms) score = _mm512_mul_ps(score, _mm512_maskz_loadu_ps(lanes, norms + c0));
+        _mm512_mask_storeu_epi32(out + c0, lanes, order_keys(score));
+      }
+    }
+  if (k >= n) {  // every input kept
+    top.threshold = 0, top.all_ties = true;
+    return;
+  }
+  top.threshold = kth_largest_key_sampled(key, n, k);
+  int64_t above = 0, equal = 0;
+#pragma omp simd reduction(+ : above, equal)
+  for (int64_t i = 0; i < n; ++i) {
+    above += key[i] > top.threshold;
+    equal += key[i] == top.threshold;
+  }
+  top.all_ties = above + equal == k;
+  if (top.all_ties) return;
+  top.chosen.assign(static_cast<size_t>(n), 0);  // ties to the lower (c, iy, ix)
+  for (int64_t c = 0, ties = k - above; c < C && ties > 0; ++c)
+    for (int64_t p = 0; p < H * W && ties > 0; ++p)
+      if (key[p * C + c] == top.threshold) {
+        top.chosen[p * C + c] = 1;
+        --ties;
+      }
+}
+
+// The lists of input row iy of a channels-last sample, from position list_at on (value, offset:
+// room for C · W + 16 entries), 16 channels at a time: which are kept (the given mask's bytes,
+// channels contiguous, or the top-k rule, whose mask it also writes to keep_out), and nonzero,
+// compressed into the lists. Returns the row's MACs per output channel.
+int64_t list_row_channels_last(const float* xs, int64_t iy, int64_t C, int64_t W, int64_t s2, int64_t s3,
+                               const bool* mask, int64_t m2, int64_t m3, const TopK* top, bool* keep_out,
+                               int64_t taps, int64_t Np, const std::vector<int64_t>& cover_x, float* value,
+                               int32_t* offset, int64_t* first, int32_t* length) {
+  int64_t at = 0, reach = 0;
+  const __m512i lane_offsets = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(taps * Np));
+  for (int64_t ix = 0; ix < W; ++ix) {
+    const int64_t start = at, pos = iy * W + ix;
+    const float* in = xs + iy * s2 + ix * s3;
+    for (int64_t c0 = 0; c0 < C; c0 += LANES) {
+      const __mmask16 lanes = C - c0 >= LANES ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c0)) - 1u);
+      const __m512 v = _mm512_maskz_loadu_ps(lanes, in + c0);
+      __mmask16 kept;
+      if (top) {
+        const uint32_t* key = top->keys.data() + pos * C + c0;
+        const __m512i kv = _mm512_maskz_loadu_epi32(lanes, key);
+        const __m512i t = _mm512_set1_epi32(static_cast<int32_t>(top->threshold));
+        kept = _mm512_mask_cmpgt_epu32_mask(lanes, kv, t);
+        if (top->all_ties)
+          kept |= _mm512_mask_cmpeq_epu32_mask(lanes, kv, t);
+        else
+          kept |= _mm_mask_cmpneq_epi8_mask(lanes, _mm_maskz_loadu_epi8(lanes, top->chosen.data() + pos * C + c0),
+                                            _mm_setzero_si128());
+        _mm_mask_storeu_epi8(keep_out + pos * C + c0, lanes, _mm_movm_epi8(kept));
+      } else {
+        kept = _mm_mask_cmpneq_epi8_mask(lanes, _mm_maskz_loadu_epi8(lanes, mask + iy * m2 + ix * m3 + c0),
+                                         _mm_setzero_si128());
+      }
+      kept &= _mm512_mask_cmp_ps_mask(lanes, v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+      // compressed in registers, stored whole (the lists have 16 entries of room at their end)
+      _mm512_storeu_ps(value + at, _mm512_maskz_compress_ps(kept, v));
+      const __m512i off = _mm512_add_epi32(lane_offsets, _mm512_set1_epi32(static_cast<int32_t>(c0 * taps * Np)));
+      _mm512_storeu_si512(offset + at, _mm512_maskz_compress_epi32(kept, off));
+      at += _mm_popcnt_u32(kept);
+    }
+    first[ix] = start;
+    length[ix] = static_cast<int32_t>(at - start);
+    reach += (at - start) * cover_x[ix];
+  }
+  return reach;
+}
+constexpr bool SCATTER = true;
+#else
+// Portable version of the gather form: the same sums, the compiler vectorises the column loop.
+void position_chunk(const Reads& r, const float* wt, const float* bias, float* out, int64_t n) {
+  float acc[NR];
+  for (int64_t o = 0; o < n; ++o) acc[o] = bias ? bias[o] : 0.0f;
+  for (int t = 0; t < r.n; ++t)
+    for (int64_t j = 0; j < r.count[t]; ++j) {
+      const float v = r.value[t][j];
+      const float* w = wt + r.tap[t] + r.offset[t][j];
+#pragma omp simd
+      for (int64_t o = 0; o < n; ++o) acc[o] += v * w[o];
+    }
+  std::memcpy(out, acc, static_cast<size_t>(n) * sizeof(float));
+}
+struct TopK {};
+constexpr bool SCATTER = false;  // the gather form serves every case
+#endif
+
+// A convolution of x (B, C, H, W), any strides, in which sample b keeps the single inputs
+// mask[b] (mask: (B, C, H, W) or (1, C, H, W) bool, any strides; if undefined, the AMU's element
+// top-k of k inputs a sample, see element_topk). No im2col and no GEMM: the kept nonzero inputs
+// are listed per input position (in channel order). Scatter form (AVX-512; stride 1, kernels 3 or
+// 1 wide; x and mask read channels-last, as the cpu backend's convolutions and BatchNorm give
+// them, copied so where they are not): the threads take bands of input rows, list each row's kept inputs 16 channels at a time
+// (compressed in registers) and add each list, times its weights, into the output positions it
+// reaches, held in registers across the list, in the band's own copy of the outputs; the copies
+// are then summed into y. Gather form (any other case): all lists first, then each output position
+// sums the lists its taps read. A dropped or zero input costs nothing. A multiply-add per kept
+// nonzero input, output position it reaches and output channel: the MACs counted. Returns y
+// (B, N, Ho, Wo) in channels-last memory format, the AMU's mask (B, C, H, W) (channels-last where
+// x is; undefined when the mask was given) and the MACs (zero when count is false).
+std::tuple<at::Tensor, at::Tensor, int64_t> element_conv(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& given_in, int64_t k, const c10::optional<at::Tensor>& norms,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+    int64_t dh, int64_t dw, bool count) {
+  TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat, "x: (B, C, H, W) float32");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x_in.size(1), "weight ", weight.sizes(), " does not take x of ",
+              x_in.size(1), " channels (an ungrouped convolution)");
+  TORCH_CHECK(sh > 0 && sw > 0 && dh > 0 && dw > 0 && ph >= 0 && pw >= 0, "stride (", sh, ", ", sw, "), padding (",
+              ph, ", ", pw, ") and dilation (", dh, ", ", dw, ") of a convolution");
+  const int64_t B = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  const int64_t n_out = weight.size(0), kh = weight.size(2), kw = weight.size(3), taps = kh * kw;
+  TORCH_CHECK(taps <= 64, "the element kernel takes kernels of at most 64 taps, not ", kh, "x", kw);
+  TORCH_CHECK(H + 2 * ph - dh * (kh - 1) > 0 && W + 2 * pw - dw * (kw - 1) > 0,
+              "the convolution has no output position");
+  const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  if (given_in.has_value()) {
+    const at::Tensor& g = *given_in;
+    TORCH_CHECK(g.scalar_type() == at::kBool && g.dim() == 4 && (g.size(0) == 1 || g.size(0) == B) &&
+                    g.size(1) == C && g.size(2) == H && g.size(3) == W,
+                "mask: (B, C, H, W) or (1, C, H, W) bool for x of ", x_in.sizes());
+  }
+  // the scatter form takes kernels whose rows reach from any input column at most 3 outputs
+  int64_t most_taps = 0;
+  for (int64_t r = 0; r < sw; ++r) {
+    int64_t n = 0;
+    for (int64_t tx = 0; tx < kw; ++tx) n += (r - tx * dw % sw + sw) % sw == 0;
+    most_taps = std::max(most_taps, n);
+  }
+  const bool scatter = SCATTER && most_taps <= 3;
+  // the scatter form reads x and the mask channels-last (a channel size of 1 is either)
+  auto readable = [&](const at::Tensor& t) { return !scatter || C == 1 || t.stride(1) == 1; };
+  const at::Tensor x = readable(x_in) ? x_in : x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const c10::optional<at::Tensor> given_mask =
+      !given_in.has_value() || readable(*given_in) ? given_in : given_in->contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
+  const bool given = given_mask.has_value();
+  at::Tensor keep;
+  if (!given) {
+    TORCH_CHECK(k >= 0, "k: the inputs kept per sample, not ", k);
+    keep = new_tensor({B, C, H, W}, at::kBool, scatter ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  }
+  const at::Tensor& mask = given ? *given_mask : keep;
+  const bool* mp = mask.data_ptr<bool>();
+  const int64_t m0 = mask.size(0) == 1 ? 0 : mask.stride(0), m1 = mask.stride(1), m2 = mask.stride(2),
+                m3 = mask.stride(3);
+  const float* np = norms_data(norms, C);
+  const at::Tensor packed = packed_for(weight);
+  const int64_t Np = packed.size(1);
+  TORCH_CHECK(packed.numel() < (int64_t{1} << 31), "the element kernel takes weights of under 2^31 floats");
+  const float* wt = packed.data_ptr<float>();
+  const float* b = bias_data(bias, n_out);
+  at::Tensor y = new_tensor({B, n_out, Ho, Wo}, at::kFloat, at::MemoryFormat::ChannelsLast);
+  float* yp = y.data_ptr<float>();  // (B, Ho, Wo, N)
+  const float* xp = x.data_ptr<float>();
+  const std::vector<int64_t> cover_y = cover(H, Ho, kh, sh, ph, dh), cover_x = cover(W, Wo, kw, sw, pw, dw);
+
+  // Scatter form: the bands' copies of the outputs, (GY, GX, Np) each, output (oy, ox) at
+  // (oy + HY, ox + HX). Input row iy reaches output row (iy + ph - ty · dh) / sh by the kernel
+  // rows ty that divide evenly (all of them at stride 1), column ix likewise: a copy holds every
+  // output, and every output position an input reaches off the edges too. Column ix's taps: col_taps[ix], their
+  // weights' offsets (tx · Np) and their outputs' (gx · Np) in col_tap and col_reach.
+  auto floor_div = [](int64_t a, int64_t d) { return (a >= 0 ? a : a - d + 1) / d; };
+  const int64_t HY = ((kh - 1) * dh + sh - 1) / sh, HX = ((kw - 1) * dw + sw - 1) / sw;
+  const int64_t GY = std::max((H - 1 + ph) / sh + 1, Ho) + HY, GX = std::max((W - 1 + pw) / sw + 1, Wo) + HX;
+  std::vector<int64_t> col_taps(static_cast<size_t>(W), 0), col_tap(static_cast<size_t>(3 * W)),
+      col_reach(static_cast<size_t>(3 * W));
+  for (int64_t ix = 0; ix < W && scatter; ++ix)
+    for (int64_t tx = 0; tx < kw; ++tx) {
+      const int64_t at = ix + pw - tx * dw;
+      if (((at % sw) + sw) % sw != 0) continue;
+      col_tap[3 * ix + col_taps[ix]] = tx * Np;
+      col_reach[3 * ix + col_taps[ix]++] = (floor_div(at, sw) + HX) * Np;
+    }
+  auto scatter_sample = [&](int64_t s) -> int64_t {
+    const float* xs = xp + s * s0;
+    const TopK* top = nullptr;
+#if defined(__AVX512F__)
+    thread_local TopK topk;
+    if (!given) {
+      element_topk_channels_last(xs, C, H, W, s2, s3, np, k, topk);
+      top = &topk;
+    }
+#endif
+    bool* keep_out = given ? nullptr : keep.data_ptr<bool>() + s * C * H * W;
+    const int64_t bands = at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H));
+    const int64_t plane = GY * GX * Np;
+    thread_local std::vector<float> copies;
+    copies.resize(static_cast<size_t>(bands * plane));
+    float* copy0 = copies.data();
+    auto rows_of = [&](int64_t t) { return std::pair{t * H / bands, (t + 1) * H / bands}; };
+    // the rows of a copy that input rows from a on (to z) reach
+    auto lowest = [&](int64_t a) { return floor_div(a + ph - (kh - 1) * dh, sh) + HY; };
+    auto highest = [&](int64_t z) { return floor_div(z - 1 + ph, sh) + HY; };
+    std::atomic<int64_t> reach{0};
+    at::parallel_for(0, bands, 1, [&](int64_t t0, int64_t t1) {
+      thread_local KeptLists row;
+      row.value.resize(static_cast<size_t>(C * W + LANES));
+      row.offset.resize(static_cast<size_t>(C * W + LANES));
+      row.first.resize(static_cast<size_t>(W));
+      row.length.resize(static_cast<size_t>(W));
+      int64_t part = 0;
+      for (int64_t t = t0; t < t1; ++t) {
+        const auto [a, z] = rows_of(t);
+        float* acc = copy0 + t * plane;
+        std::memset(acc + lowest(a) * GX * Np, 0, static_cast<size_t>((highest(z) - lowest(a) + 1) * GX * Np) * sizeof(float));
+        for (int64_t iy = a; iy < z; ++iy) {
+#if defined(__AVX512F__)
+          part += cover_y[iy] * list_row_channels_last(xs, iy, C, W, s2, s3, mp + s * m0, m2, m3, top, keep_out, taps,
+                                                       Np, cover_x, row.value.data(), row.offset.data(),
+                                                       row.first.data(), row.length.data());
+          for (int64_t ty = 0; ty < kh; ++ty) {
+            const int64_t at = iy + ph - ty * dh;
+            if (((at % sh) + sh) % sh != 0) continue;
+            const float* wrow = wt + ty * kw * Np;
+            float* arow = acc + (floor_div(at, sh) + HY) * GX * Np;
+            for (int64_t ix = 0; ix < W; ++ix)
+              if (const int64_t n = row.length[ix]; n > 0 && col_taps[ix] > 0)
+                scatter_list(col_taps[ix], row.value.data() + row.first[ix], row.offset.data() + row.first[ix], n,
+                             wrow, Np, col_tap.data() + 3 * ix, arow, col_reach.data() + 3 * ix);
+          }
+#endif
+        }
+      }
+      reach += part;
+    });
+    // y = bias + the copies' sums; output row oy reads the copies whose band reaches it
+    at::parallel_for(0, Ho, std::max<int64_t>(1, MIN_WORK / std::max<int64_t>(1, Wo * n_out)), [&](int64_t o0, int64_t o1) {
+      for (int64_t oy = o0; oy < o1; ++oy) {
+        float* __restrict out = yp + (s * Ho + oy) * Wo * n_out;
+        for (int64_t ox = 0; ox < Wo; ++ox)
+          for (int64_t o = 0; o < n_out; ++o) out[ox * n_out + o] = b ? b[o] : 0.0f;
+        const int64_t gy = oy + HY;
+        for (int64_t t = 0; t < bands; ++t) {
+          const auto [a, z] = rows_of(t);
+          if (z == a || gy < lowest(a) || gy > highest(z)) continue;
+          const float* __restrict in = copy0 + t * plane + (gy * GX + HX) * Np;
+          for (int64_t ox = 0; ox < Wo; ++ox) {
+#pragma omp simd
+            for (int64_t o = 0; o < n_out; ++o) out[ox * n_out + o] += in[ox * Np + o];
+          }
+        }
+      }
+    });
+    return reach.load();
+  };
+
+  // Gather form: every row's lists (row iy's in [iy · (C + 1) · W, ...), each with a spare slot),
+  // then the output positions.
+  auto gather_sample = [&](int64_t s) -> int64_t {
+    const float* xs = xp + s * s0;
+    if (!given) element_topk(xs, C, H, W, s1, s2, s3, np, k, keep.data_ptr<bool>() + s * C * H * W);
+    const bool* ms = mp + s * m0;
+    thread_local KeptLists lists;
+    lists.value.resize(static_cast<size_t>(H * (C + 1) * W));
+    lists.offset.resize(static_cast<size_t>(H * (C + 1) * W));
+    lists.first.resize(static_cast<size_t>(H * W));
+    lists.length.resize(static_cast<size_t>(H * W));
+    // (the parallel loops see this thread's lists through these: a thread_local named in them
+    // would be each thread's own)
+    float* value = lists.value.data();
+    int32_t* offset = lists.offset.data();
+    int64_t* first = lists.first.data();
+    int32_t* length = lists.length.data();
+    std::atomic<int64_t> reach{0};
+    at::parallel_for(0, H, std::max<int64_t>(1, MIN_WORK / std::max<int64_t>(1, 4 * C * W)), [&](int64_t y0, int64_t y1) {
+      int64_t part = 0;
+      for (int64_t iy = y0; iy < y1; ++iy) {
+        // every input is written (no branch on the mask): a kept nonzero one to its place, any
+        // other to the slot the next takes, or to its list's spare slot
+        int64_t at = iy * (C + 1) * W, nonzero_reach = 0;
+        for (int64_t ix = 0; ix < W; ++ix) {
+          const int64_t start = at;
+          const float* in = xs + iy * s2 + ix * s3;
+          const bool* m = ms + iy * m2 + ix * m3;
+          for (int64_t c = 0; c < C; ++c) {
+            const float v = in[c * s1];
+            value[at] = v;
+            offset[at] = static_cast<int32_t>(c * taps * Np);
+            at += m[c * m1] & (v != 0.0f);
+          }
+          length[iy * W + ix] = static_cast<int32_t>(at - start);
+          first[iy * W + ix] = start;
+          nonzero_reach += (at - start) * cover_x[ix];
+          ++at;
+        }
+        part += nonzero_reach * cover_y[iy];
+      }
+      reach += part;
+    });
+    const int64_t grain = std::max<int64_t>(1, MIN_WORK / std::max<int64_t>(1, Wo * n_out * taps));
+    at::parallel_for(0, Ho, grain, [&](int64_t o0, int64_t o1) {
+      Reads r;
+      for (int64_t oy = o0; oy < o1; ++oy)
+        for (int64_t ox = 0; ox < Wo; ++ox) {
+          r.n = 0;
+          for (int64_t ty = 0; ty < kh; ++ty) {
+            const int64_t iy = oy * sh - ph + ty * dh;
+            if (iy < 0 || iy >= H) continue;
+            for (int64_t tx = 0; tx < kw; ++tx) {
+              const int64_t ix = ox * sw - pw + tx * dw, pos = iy * W + ix;
+              if (ix < 0 || ix >= W || length[pos] == 0) continue;
+              r.value[r.n] = value + first[pos];
+              r.offset[r.n] = offset + first[pos];
+              r.count[r.n] = length[pos];
+              r.tap[r.n++] = static_cast<int32_t>((ty * kw + tx) * Np);
+            }
+          }
+          float* out = yp + ((s * Ho + oy) * Wo + ox) * n_out;
+          for (int64_t n0 = 0; n0 < n_out; n0 += NR)
+            position_chunk(r, wt + n0, b ? b + n0 : nullptr, out + n0, std::min<int64_t>(NR, n_out - n0));
+        }
+    });
+    return reach.load();
+  };
+  std::atomic<int64_t> macs{0};
+  for_units(B, [&](int64_t b0, int64_t b1) {
+    int64_t part = 0;
+    for (int64_t s = b0; s < b1; ++s) part += scatter ? scatter_sample(s) : gather_sample(s);
+    macs += part;
+  });
+  return {y, keep, count ? macs.load() * n_out : 0};
+}
+
 // Two front-ends for each kernel. As torch ops (torch.ops.selact_cpu.*, for torch.compile's
 // fake tensors and torch.library.opcheck): every result a tensor, the MACs 0-dim int64. As plain
 // Python functions (pybind11), which the cpu backend calls: no dispatcher boxing the arguments,
@@ -1106,6 +1663,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_conv_op(
     const at::Tensor& g = *given_keep;
     keep = g.reshape({g.size(0), g.size(1)}).expand({g.size(0), x.size(1)}).clone();
   }
+  return {y, keep, macs_tensor(macs)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> element_conv_op(
+    const at::Tensor& x, const c10::optional<at::Tensor>& given_mask, int64_t k, const c10::optional<at::Tensor>& norms,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+    int64_t dh, int64_t dw, bool count) {
+  auto [y, keep, macs] = element_conv(x, given_mask, k, norms, weight, bias, sh, sw, ph, pw, dh, dw, count);
+  // contiguous, as the fake implementation says; a new tensor: an op's outputs do not alias its inputs
+  keep = keep.defined() ? keep.contiguous() : given_mask->expand(x.sizes()).clone(at::MemoryFormat::Contiguous);
   return {y, keep, macs_tensor(macs)};
 }
 
@@ -1268,6 +1835,9 @@ TORCH_LIBRARY(selact_cpu, m) {
       "spatial_conv(Tensor x, Tensor mask, Tensor weight, Tensor? bias, int sh, int sw, int ph, int pw, int dh, int dw, "
       "bool count) "
       "-> (Tensor, Tensor)");
+  m.def(
+      "element_conv(Tensor x, Tensor? mask, int k, Tensor? norms, Tensor weight, Tensor? bias, int sh, int sw, "
+      "int ph, int pw, int dh, int dw, bool count) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(selact_cpu, CPU, m) {
@@ -1276,6 +1846,7 @@ TORCH_LIBRARY_IMPL(selact_cpu, CPU, m) {
   m.impl("topk_mask", &topk_mask);
   m.impl("channel_conv", &channel_conv_op);
   m.impl("spatial_conv", &spatial_conv_op);
+  m.impl("element_conv", &element_conv_op);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1302,6 +1873,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                            int64_t dh, int64_t dw, bool count) {
     auto [y, macs] = spatial_conv(x, mask, weight, bias, sh, sw, ph, pw, dh, dw, count);
     return py::make_tuple(y, macs_or_none(macs, count));
+  });
+  m.def("element_conv", [](const at::Tensor& x, const c10::optional<at::Tensor>& mask, int64_t k,
+                           const c10::optional<at::Tensor>& norms, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                           int64_t dh, int64_t dw, bool count) {
+    auto [y, kept, macs] = element_conv(x, mask, k, norms, weight, bias, sh, sw, ph, pw, dh, dw, count);
+    return py::make_tuple(y, tensor_or_none(kept), macs_or_none(macs, count));
   });
   m.def("packed", &packed_for);
   m.def("set_on_packed", [](py::function hook) { on_packed = hook.release().ptr(); });
@@ -1345,6 +1923,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       auto [y, macs] = spatial_conv(THPVariable_Unpack(x.ptr()), *mask, THPVariable_Unpack(weight.ptr()),
                                     optional_tensor(bias), c.stride[0], c.stride[1], c.padding[0], c.padding[1],
                                     c.dilation[0], c.dilation[1], count);
+      return py::make_tuple(y, macs_or_none(macs, count));
+    }
+    if (mask.has_value() && is_element_mask(*mask, THPVariable_Unpack(x.ptr()))) {
+      auto [y, kept, macs] = element_conv(THPVariable_Unpack(x.ptr()), mask, 0, c10::nullopt,
+                                          THPVariable_Unpack(weight.ptr()), optional_tensor(bias), c.stride[0],
+                                          c.stride[1], c.padding[0], c.padding[1], c.dilation[0], c.dilation[1], count);
       return py::make_tuple(y, macs_or_none(macs, count));
     }
     auto [y, kept, macs] = channel_conv(THPVariable_Unpack(x.ptr()), mask, 0, c10::nullopt,
