@@ -44,7 +44,11 @@ def test_torch_compile_matches_eager():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "conv_granularity", "linear_granularity"),
-    [("sapi", "channel", "element"), ("sapw", "channel", "channel"), ("sapw", "element", "element")],
+    [
+        ("sapi", "channel", "element"),
+        ("sapw", "channel", "channel"),
+        ("sapw", "element", "element"),
+    ],
 )
 def test_fused_cpu_routes_compile_into_one_graph(strategy, conv_granularity, linear_granularity):
     """The CPU kernels' fused routes (top-k and product in one call) trace as torch ops: the
