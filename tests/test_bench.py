@@ -30,6 +30,8 @@ def test_quick_kernel_bench_times_every_route(tmp_path):
     assert ("conv2d", "dense_kept") in routes
     spatial = {r["backend"] for r in rows if r["granularity"] == "spatial"}
     assert {"dense", "cpu", "cpu_kernel", "reference"} <= spatial
+    element = {r["backend"] for r in rows if r["granularity"] == "element" and r["op"] == "conv2d"}
+    assert {"dense", "cpu", "cpu_kernel", "reference"} <= element
     assert {("conv2d", "cpu"), ("conv2d", "cpu_kernel")} <= routes
     for row in rows:
         assert row["median_ms"] > 0
@@ -74,3 +76,26 @@ def test_routes_take_turns_in_a_shuffled_order():
     for name in "abcd":
         before = {r[r.index(name) - 1] for r in rounds if r.index(name) > 0}
         assert len(before) == 3, (name, before)  # each other route came just before it
+
+
+def test_quick_model_bench_with_searched_densities(tmp_path):
+    """``--conv-granularity element --densities FILE``: the layers' densities from a budget
+    search's result, the rows' density the executed MAC fraction; a file that names no densities,
+    or one for several models, is refused naming it."""
+    runner = CliRunner()
+    layers = {"stages.0.1": 0.5, "stages.1.1": 0.25}
+    path = tmp_path / "densities.json"
+    path.write_text(json.dumps({"densities": layers, "target_mac_fraction": 0.4}))
+    args = ["bench", "model", "--quick", "--reps", "3", "--conv-granularity", "element"]
+    result = runner.invoke(app, [*args, "--densities", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    selective = next(r for r in rows if r["backend"] == "selective")
+    assert selective["granularity"] == "element/element"
+    assert selective["density"] == selective["executed_mac_fraction"] < 1
+    assert selective["densities_from"] == str(path)
+    path.write_text(json.dumps({"stages.0.1": 1.5}))
+    result = runner.invoke(app, [*args, "--densities", str(path)])
+    assert result.exit_code != 0 and "densities.json" in result.output
+    result = runner.invoke(app, [*args, "--densities", str(path), "--model", "a", "--model", "b"])
+    assert result.exit_code != 0 and "one --model" in result.output

@@ -288,23 +288,11 @@ def finetune(
 
 
 def _read_densities(path: Path) -> dict[str, Any]:
-    """``{"densities": {layer: density}, ...}`` from a ``finetune --json`` result (its target is
-    kept) or a plain ``{layer: density}`` JSON file, checked."""
+    """:func:`selact.amu.read_densities`, its errors as the CLI's."""
     try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise typer.BadParameter(f"{path}: cannot read densities ({error})") from error
-    layers = found.get("densities", found) if isinstance(found, dict) else None
-    if not layers or not all(
-        isinstance(d, int | float) and 0 < d <= 1 for d in layers.values()
-    ):  # fmt: skip
-        raise typer.BadParameter(
-            f"{path}: expected {{layer: density in (0, 1]}} or a finetune result with 'densities'"
-        )
-    fields = {"densities": {k: float(v) for k, v in layers.items()}, "densities_from": str(path)}
-    if "target_mac_fraction" in found:
-        fields["target_mac_fraction"] = found["target_mac_fraction"]
-    return fields
+        return selact.amu.read_densities(path)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
 
 
 def evaluate_command(

@@ -10,7 +10,13 @@ from collections.abc import Callable
 
 import torch
 
-from selact.amu.budget import BudgetResult, apply_densities, budget_search, uniform_search
+from selact.amu.budget import (
+    BudgetResult,
+    apply_densities,
+    budget_search,
+    read_densities,
+    uniform_search,
+)
 from selact.amu.calibration import ScoreSample
 from selact.amu.norms import conv2d_input_norms, linear_input_norms
 from selact.amu.select import keep_count, pool, threshold_keep, topk_keep
@@ -21,6 +27,7 @@ __all__ = [
     "STRATEGIES",
     "BudgetResult",
     "apply_densities",
+    "read_densities",
     "budget_search",
     "uniform_search",
     "ScoreSample",

@@ -21,10 +21,12 @@ Unlike the rest of :mod:`selact.amu`, these functions run the model (they measur
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -388,3 +390,24 @@ def apply_densities(model: nn.Module, densities: dict[str, float]) -> nn.Module:
     for name, d in densities.items():
         layers[name].config = layers[name].config.replace(density=d)
     return model
+
+
+def read_densities(path: str | Path) -> dict[str, Any]:
+    """``{"densities": {layer: density}, "densities_from": path, ...}`` from a ``finetune --json``
+    result (its ``target_mac_fraction`` is kept) or a plain ``{layer: density}`` JSON file;
+    ``ValueError`` naming the file where it holds no densities in (0, 1]."""
+    try:
+        found = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: cannot read densities ({error})") from error
+    layers = found.get("densities", found) if isinstance(found, dict) else None
+    if not layers or not all(
+        isinstance(d, int | float) and 0 < d <= 1 for d in layers.values()
+    ):  # fmt: skip
+        raise ValueError(
+            f"{path}: expected {{layer: density in (0, 1]}} or a finetune result with 'densities'"
+        )
+    fields = {"densities": {k: float(v) for k, v in layers.items()}, "densities_from": str(path)}
+    if "target_mac_fraction" in found:
+        fields["target_mac_fraction"] = found["target_mac_fraction"]
+    return fields

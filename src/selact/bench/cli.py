@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+import selact
 from selact.bench import kernels, models, report
 
 app = typer.Typer(
@@ -61,6 +62,20 @@ def model_command(
     strategy: Annotated[
         str, typer.Option(help="AMU strategy of the selective copy: sapi or sapw.")
     ] = "sapi",
+    conv_granularity: Annotated[
+        str,
+        typer.Option(
+            help="Granularity of the convolutions' masks: channel (per sample), element "
+            "(single inputs, the granularity of the fine-tuned CIFAR-10 frontiers) or spatial."
+        ),
+    ] = "channel",
+    densities: Annotated[
+        Path | None,
+        typer.Option(
+            help="Per-layer densities instead of --density: a finetune --json result (its "
+            "searched densities) or a {layer: density} JSON; one model."
+        ),
+    ] = None,
     compile: Annotated[
         bool,
         typer.Option(
@@ -77,6 +92,14 @@ def model_command(
     batches = batch or ([1] if quick else [1, 32])
     counts = threads or ([1] if quick else [1, 2])
     reps = reps or (10 if quick else 100)
+    layers = None
+    if densities is not None:
+        if len(names) != 1:
+            raise typer.BadParameter("--densities names the layers of one --model")
+        try:
+            layers = selact.amu.read_densities(densities)["densities"]
+        except ValueError as error:
+            raise typer.BadParameter(str(error)) from error
     rows = list(
         models.run(
             names,
@@ -86,9 +109,13 @@ def model_command(
             reps,
             linear_granularity=linear_granularity,
             strategy=strategy,
+            conv_granularity=conv_granularity,
+            densities=layers,
             compile=compile,
         )  # fmt: skip
     )
+    if densities is not None:
+        rows = [{**row, "densities_from": str(densities)} for row in rows]
     _finish(rows, "model", quick, out)
 
 

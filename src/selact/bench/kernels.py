@@ -70,6 +70,7 @@ def cpu_cases(quick: bool = False) -> list[KernelCase]:
             KernelCase("linear", 1, (64, 96), torch.float32, "element", 0.5),
             KernelCase("conv2d", 1, (8, 8, 6, 6, 3, 1), torch.float32, "channel", 0.5),
             KernelCase("conv2d", 1, (8, 8, 6, 6, 3, 1), torch.float32, "spatial", 0.5),
+            KernelCase("conv2d", 1, (8, 8, 6, 6, 3, 1), torch.float32, "element", 0.5),
         ]
     cases = [
         KernelCase("linear", 1, size, torch.float32, granularity, d)
@@ -101,6 +102,18 @@ def cpu_cases(quick: bool = False) -> list[KernelCase]:
             (64, 128, 32, 32, 3, 2),
         )
         for d in (0.5, 0.25)
+    ]
+    cases += [  # ResNet-20's layers, then the targets' shapes
+        KernelCase("conv2d", 1, size, torch.float32, "element", d)
+        for size in (
+            (16, 16, 32, 32, 3, 1),
+            (32, 32, 16, 16, 3, 1),
+            (64, 64, 8, 8, 3, 1),
+            (16, 32, 32, 32, 3, 2),
+            (64, 64, 32, 32, 3, 1),
+            (256, 256, 8, 8, 3, 1),
+        )
+        for d in (0.5, 1 / 3, 0.25)
     ]
     return cases
 
@@ -288,7 +301,11 @@ def _conv_routes(case: KernelCase, device: str):
     variants = []
     for _ in range(VARIANTS):
         x = _randn(case.batch, c_in, h, w_, device=device, dtype=case.dtype)
-        if case.granularity == "spatial":  # positions (all their channels)
+        if case.granularity == "element":  # single inputs; channels-last, as in a selective model
+            x = x.contiguous(memory_format=torch.channels_last)
+            m = _masks((case.batch, h * w_ * c_in), case.density, device)
+            m = m.reshape(case.batch, h, w_, c_in).permute(0, 3, 1, 2)
+        elif case.granularity == "spatial":  # positions (all their channels)
             m = _masks((case.batch, h * w_), case.density, device).reshape(case.batch, 1, h, w_)
         else:
             m = _masks((case.batch, c_in), case.density, device).reshape(case.batch, c_in, 1, 1)
@@ -316,6 +333,13 @@ def _conv_routes(case: KernelCase, device: str):
             routes["cpu_kernel"] = [
                 lambda v=v: cpu.KERNELS["spatial_conv"](
                     v[0], v[1], w_kernel, bias, *geometry, False
+                )[0]
+                for v in variants
+            ]
+        elif case.granularity == "element":
+            routes["cpu_kernel"] = [
+                lambda v=v: cpu.KERNELS["element_conv"](
+                    v[0], v[1], 0, None, w_kernel, bias, *geometry, False
                 )[0]
                 for v in variants
             ]

@@ -1,9 +1,11 @@
 """Model benchmarks: latency of a dense model and of its selective copy at the same weights.
 
 The selective copy uses SAPI (or SAPW) with channel masks on the convolutions (what the ``cpu`` backend's
-fused route turns into time) and element masks on Linear layers (or per-sample ``channel`` masks,
-which the ``cpu`` backend runs as one GEMM per sample on token sequences), top-k budget, counting
-and finiteness checks off; its time includes the AMU's own work (scores, top-k, masks). Latency is the median of
+fused route turns into time; or ``element`` masks, the granularity whose accuracy holds at lower
+densities, served by the element kernel) and element masks on Linear layers (or per-sample
+``channel`` masks, which the ``cpu`` backend runs as one GEMM per sample on token sequences), top-k
+budget, one density everywhere or per-layer densities (a budget search's), counting and finiteness
+checks off; its time includes the AMU's own work (scores, top-k, masks). Latency is the median of
 interleaved calls under ``torch.inference_mode``. With ``compile``, both models also run
 through ``torch.compile`` (Inductor, weights frozen into constants: ``freezing``, as for
 deployment; compiled afresh for each batch size and thread count), their ratio taken to the
@@ -39,23 +41,26 @@ def selective_copy(
     counting: bool = False,
     linear_granularity: str = "element",
     strategy: str = "sapi",
+    conv_granularity: str = "channel",
+    densities: dict[str, float] | None = None,
 ) -> nn.Module:
-    """``strategy`` at ``density``: channel masks on convolutions, ``linear_granularity`` masks on
-    Linear layers."""
+    """``strategy`` at ``density`` (or per layer, ``densities``): ``conv_granularity`` masks on
+    convolutions, ``linear_granularity`` masks on Linear layers."""
     linears = {
         n: {"granularity": linear_granularity}
         for n, m in model.named_modules()
         if isinstance(m, nn.Linear)
     }
-    return selact.sparsify(
+    selective = selact.sparsify(
         copy.deepcopy(model),
         strategy=strategy,
         density=density,
-        granularity="channel",
+        granularity=conv_granularity,
         overrides=linears,
         counting=counting,
         check_finite=counting,
     )
+    return selact.amu.apply_densities(selective, densities) if densities else selective
 
 
 def run(
@@ -67,15 +72,24 @@ def run(
     *,
     linear_granularity: str = "element",
     strategy: str = "sapi",
+    conv_granularity: str = "channel",
+    densities: dict[str, float] | None = None,
     seed: int = 0,
     compile: bool = False,
 ) -> Iterator[dict]:
     """One row per (model, batch, threads, route) with route ``dense`` or ``selective`` (and
     ``dense, compiled`` and ``selective, compiled`` with ``compile``); the selective rows'
-    granularity reads ``channel`` (convolutions) ``/`` the Linear layers' one."""
+    granularity reads the convolutions' ``/`` the Linear layers' one. With per-layer
+    ``densities`` the rows' density is the executed MAC fraction, their ideal time that fraction
+    of dense."""
     initial_threads = torch.get_num_threads()
     try:
-        options = {"linear_granularity": linear_granularity, "strategy": strategy}
+        options = {
+            "linear_granularity": linear_granularity,
+            "strategy": strategy,
+            "conv_granularity": conv_granularity,
+            "densities": densities,
+        }
         yield from _run(names, batches, threads, density, reps, options, seed, compile)
     finally:
         torch.set_num_threads(initial_threads)
@@ -114,6 +128,7 @@ def _run(names, batches, threads, density, reps, options, seed, compile):
                         {r: [lambda x=x, m=m: m(x) for x in inputs] for r, m in models.items()},
                         reps,
                     )
+                share = executed if options["densities"] else density
                 for route, ms in times.items():
                     baseline = times["dense, compiled" if "compiled" in route else "dense"]
                     yield {
@@ -122,14 +137,14 @@ def _run(names, batches, threads, density, reps, options, seed, compile):
                         "dtype": "float32",
                         "granularity": "-"
                         if route.startswith("dense")
-                        else f"channel/{options['linear_granularity']}",
+                        else f"{options['conv_granularity']}/{options['linear_granularity']}",
                         "strategy": "-" if route.startswith("dense") else options["strategy"],
-                        "density": 1.0 if route.startswith("dense") else density,
+                        "density": 1.0 if route.startswith("dense") else share,
                         "backend": route,
                         "batch": batch,
                         "threads": count,
                         "median_ms": ms,
                         "ratio_to_dense": ms / baseline,
-                        "ratio_to_ideal": ms / (density * baseline),
+                        "ratio_to_ideal": ms / (share * baseline),
                         "executed_mac_fraction": 1.0 if route.startswith("dense") else executed,
                     }
