@@ -35,6 +35,9 @@ Reps = Annotated[
 def kernels_command(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     op: Annotated[list[str] | None, typer.Option(help="Only these ops (repeatable).")] = None,
+    granularity: Annotated[
+        list[str] | None, typer.Option(help="Only these mask granularities (repeatable).")
+    ] = None,
     quick: Quick = False,
     reps: Reps = None,
     out: Out = None,
@@ -42,6 +45,7 @@ def kernels_command(
     """Each MGEMM op: dense PyTorch, every backend that serves it, and the naive routes."""
     cases = (kernels.gpu_cases if device == "cuda" else kernels.cpu_cases)(quick)
     cases = [case for case in cases if not op or case.op in op]
+    cases = [case for case in cases if not granularity or case.granularity in granularity]
     rows = list(kernels.run(cases, device, reps or (10 if quick else 200)))
     _finish(rows, "kernels", quick, out)
 
