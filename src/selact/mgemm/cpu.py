@@ -119,31 +119,27 @@ def _topk_mask_fake(scores, k):
     return scores.new_empty(scores.shape, dtype=torch.bool)
 
 
-def _channel_conv_fake(x, keep, k, norms, weight, bias, sh, sw, ph, pw, dh, dw, count):
+def _conv_output_fake(x, weight, sh, sw, ph, pw, dh, dw) -> torch.Tensor:
+    """A convolution kernel's output: (B, N, Ho, Wo) in channels-last memory format."""
     h_out, w_out = _output_size(x.shape[2:], weight.shape[2:], (sh, sw), (ph, pw), (dh, dw))
-    y = torch.empty(
+    return torch.empty(
         x.shape[0], weight.shape[0], h_out, w_out, dtype=x.dtype, device=x.device,
         memory_format=torch.channels_last,
     )  # fmt: skip
+
+
+def _channel_conv_fake(x, keep, k, norms, weight, bias, sh, sw, ph, pw, dh, dw, count):
+    y = _conv_output_fake(x, weight, sh, sw, ph, pw, dh, dw)
     samples = x.shape[0] if keep is None else keep.shape[0]
     return y, x.new_empty(samples, x.shape[1], dtype=torch.bool), torch.empty((), dtype=torch.long)
 
 
 def _spatial_conv_fake(x, mask, weight, bias, sh, sw, ph, pw, dh, dw, count):
-    h_out, w_out = _output_size(x.shape[2:], weight.shape[2:], (sh, sw), (ph, pw), (dh, dw))
-    y = torch.empty(
-        x.shape[0], weight.shape[0], h_out, w_out, dtype=x.dtype, device=x.device,
-        memory_format=torch.channels_last,
-    )  # fmt: skip
-    return y, torch.empty((), dtype=torch.long)
+    return _conv_output_fake(x, weight, sh, sw, ph, pw, dh, dw), torch.empty((), dtype=torch.long)
 
 
 def _element_conv_fake(x, mask, k, norms, weight, bias, sh, sw, ph, pw, dh, dw, count):
-    h_out, w_out = _output_size(x.shape[2:], weight.shape[2:], (sh, sw), (ph, pw), (dh, dw))
-    y = torch.empty(
-        x.shape[0], weight.shape[0], h_out, w_out, dtype=x.dtype, device=x.device,
-        memory_format=torch.channels_last,
-    )  # fmt: skip
+    y = _conv_output_fake(x, weight, sh, sw, ph, pw, dh, dw)
     return y, x.new_empty(x.shape, dtype=torch.bool), torch.empty((), dtype=torch.long)
 
 

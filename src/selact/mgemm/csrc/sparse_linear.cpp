@@ -813,6 +813,19 @@ std::vector<int64_t> cover(int64_t n_in, int64_t n_out, int64_t k, int64_t strid
   return reach;
 }
 
+// The operands of a convolution kernel: x (B, C, H, W) float32, an ungrouped weight, a valid
+// geometry with at least one output position.
+void check_conv(const at::Tensor& x, const at::Tensor& weight, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                int64_t dh, int64_t dw) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "x: (B, C, H, W) float32");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1), "weight ", weight.sizes(), " does not take x of ",
+              x.size(1), " channels (an ungrouped convolution)");
+  TORCH_CHECK(sh > 0 && sw > 0 && dh > 0 && dw > 0 && ph >= 0 && pw >= 0, "stride (", sh, ", ", sw, "), padding (",
+              ph, ", ", pw, ") and dilation (", dh, ", ", dw, ") of a convolution");
+  TORCH_CHECK(x.size(2) + 2 * ph - dh * (weight.size(2) - 1) > 0 && x.size(3) + 2 * pw - dw * (weight.size(3) - 1) > 0,
+              "the convolution has no output position");
+}
+
 // A convolution of x (B, C, H, W), any strides, in which sample b keeps the input channels
 // keep[b] (keep: (B, C) or (1, C) bool, also (B, C, 1, 1), any strides; a channel size of 1 keeps
 // or drops whole samples; if undefined, the AMU's channel top-k of k channels, see
@@ -824,9 +837,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> channel_conv(
     const at::Tensor& x, const c10::optional<at::Tensor>& given_keep, int64_t k, const c10::optional<at::Tensor>& norms,
     const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
     int64_t dh, int64_t dw, bool count) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "x: (B, C, H, W) float32");
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1), "weight ", weight.sizes(), " does not take x of ",
-              x.size(1), " channels (an ungrouped convolution)");
+  check_conv(x, weight, sh, sw, ph, pw, dh, dw);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t n_out = weight.size(0), kh = weight.size(2), kw = weight.size(3), taps = kh * kw;
   // Sample s keeps channel c where kp[s · keep_s0 + c · keep_s1] (strides 0 where broadcast): the
@@ -850,7 +861,6 @@ std::tuple<at::Tensor, at::Tensor, int64_t> channel_conv(
   const int64_t Np = packed.size(1);
   const float* b = bias_data(bias, n_out);
   const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
-  TORCH_CHECK(Ho > 0 && Wo > 0, "the convolution has no output position");
   const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, M = Ho * Wo;
   at::Tensor y = new_tensor({B, n_out, Ho, Wo}, at::kFloat, at::MemoryFormat::ChannelsLast);
   // How many (output position, tap) pairs read input row iy (col ix): the MACs of a nonzero input.
@@ -933,19 +943,13 @@ bool is_spatial_mask(const at::Tensor& mask, const at::Tensor& x) {
 std::tuple<at::Tensor, int64_t> spatial_conv(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& weight,
                                              const c10::optional<at::Tensor>& bias, int64_t sh, int64_t sw,
                                              int64_t ph, int64_t pw, int64_t dh, int64_t dw, bool count) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "x: (B, C, H, W) float32");
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1), "weight ", weight.sizes(), " does not take x of ",
-              x.size(1), " channels (an ungrouped convolution)");
-  TORCH_CHECK(sh > 0 && sw > 0 && dh > 0 && dw > 0 && ph >= 0 && pw >= 0, "stride (", sh, ", ", sw, "), padding (",
-              ph, ", ", pw, ") and dilation (", dh, ", ", dw, ") of a convolution");
+  check_conv(x, weight, sh, sw, ph, pw, dh, dw);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && (mask.size(0) == 1 || mask.size(0) == B) &&
                   mask.size(1) == 1 && mask.size(2) == H && mask.size(3) == W,
               "mask: (B, 1, H, W) or (1, 1, H, W) bool for x of ", x.sizes());
   const int64_t n_out = weight.size(0), kh = weight.size(2), kw = weight.size(3), taps = kh * kw;
   const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
-  TORCH_CHECK(H + 2 * ph - dh * (kh - 1) > 0 && W + 2 * pw - dw * (kw - 1) > 0,
-              "the convolution has no output position");
   const at::Tensor packed = packed_for(weight);
   const int64_t Np = packed.size(1);
   const float* b = bias_data(bias, n_out);
@@ -1406,16 +1410,10 @@ std::tuple<at::Tensor, at::Tensor, int64_t> element_conv(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& given_in, int64_t k, const c10::optional<at::Tensor>& norms,
     const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
     int64_t dh, int64_t dw, bool count) {
-  TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat, "x: (B, C, H, W) float32");
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x_in.size(1), "weight ", weight.sizes(), " does not take x of ",
-              x_in.size(1), " channels (an ungrouped convolution)");
-  TORCH_CHECK(sh > 0 && sw > 0 && dh > 0 && dw > 0 && ph >= 0 && pw >= 0, "stride (", sh, ", ", sw, "), padding (",
-              ph, ", ", pw, ") and dilation (", dh, ", ", dw, ") of a convolution");
+  check_conv(x_in, weight, sh, sw, ph, pw, dh, dw);
   const int64_t B = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   const int64_t n_out = weight.size(0), kh = weight.size(2), kw = weight.size(3), taps = kh * kw;
   TORCH_CHECK(taps <= 64, "the element kernel takes kernels of at most 64 taps, not ", kh, "x", kw);
-  TORCH_CHECK(H + 2 * ph - dh * (kh - 1) > 0 && W + 2 * pw - dw * (kw - 1) > 0,
-              "the convolution has no output position");
   const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
   if (given_in.has_value()) {
     const at::Tensor& g = *given_in;
