@@ -36,10 +36,8 @@ def _input(shape, zero_channels: int, channels_last: bool, seed: int) -> torch.T
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    batch=st.integers(1, 9),  # 2 threads: samples side by side from 2 (even) or 8 up
-    c_in=st.integers(1, 20),
+#: A selective convolution layer and its input, as both fused routes' tests draw them.
+LAYER_CASES = dict(
     c_out=st.integers(1, 70),
     size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
     kernel=st.sampled_from([1, 2, 3]),
@@ -52,6 +50,14 @@ def _input(shape, zero_channels: int, channels_last: bool, seed: int) -> torch.T
     channels_last=st.booleans(),
     zero_channels=st.integers(0, 3),
     seed=st.integers(0, 2**16),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 9),  # 2 threads: samples side by side from 2 (even) or 8 up
+    c_in=st.integers(1, 20),
+    **LAYER_CASES,
 )
 def test_fused_route_keeps_a_top_k_and_multiplies_exactly(
     batch, c_in, c_out, size, kernel, stride, padding, dilation, density, strategy, bias,
@@ -133,18 +139,7 @@ def test_fused_route_at_density_one_is_the_dense_layer():
 @given(
     batch=st.integers(1, 5),
     c_in=st.integers(1, 40),
-    c_out=st.integers(1, 70),
-    size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
-    kernel=st.sampled_from([1, 2, 3]),
-    stride=st.integers(1, 2),
-    padding=st.integers(0, 2),
-    dilation=st.integers(1, 2),
-    density=st.floats(0.01, 0.99),
-    strategy=st.sampled_from(["sapi", "sapw"]),
-    bias=st.booleans(),
-    channels_last=st.booleans(),
-    zero_channels=st.integers(0, 3),
-    seed=st.integers(0, 2**16),
+    **LAYER_CASES,
 )
 def test_fused_element_route_keeps_the_amus_top_k_and_multiplies_exactly(
     batch, c_in, c_out, size, kernel, stride, padding, dilation, density, strategy, bias,
