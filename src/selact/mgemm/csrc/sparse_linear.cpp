@@ -45,7 +45,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -1244,16 +1243,10 @@ uint32_t kth_largest_key_sampled(const uint32_t* key, int64_t n, int64_t k) {
   const double share = static_cast<double>(k) / static_cast<double>(n);
   const double rank = share * SAMPLE, margin = 4.0 * std::sqrt(SAMPLE * share * (1.0 - share)) + 8.0;
   const int64_t upper_rank = static_cast<int64_t>(rank - margin), lower_rank = static_cast<int64_t>(rank + margin);
-  auto larger = std::greater<uint32_t>();
-  uint32_t upper = ~0u, lower = 0u;  // the bracket: keys in [lower, upper]
-  if (upper_rank >= 0) {
-    std::nth_element(sample.begin(), sample.begin() + upper_rank, sample.end(), larger);
-    upper = sample[upper_rank];
-  }
-  if (lower_rank < SAMPLE) {
-    std::nth_element(sample.begin(), sample.begin() + lower_rank, sample.end(), larger);
-    lower = sample[lower_rank];
-  }
+  // the bracket: keys in [lower, upper] (each a radix select of the sample: vectorised passes,
+  // where std::nth_element mispredicts a branch on every other comparison)
+  const uint32_t upper = upper_rank >= 0 ? kth_largest_key(sample.data(), SAMPLE, upper_rank + 1) : ~0u;
+  const uint32_t lower = lower_rank < SAMPLE ? kth_largest_key(sample.data(), SAMPLE, lower_rank + 1) : 0u;
   int64_t above = 0, at_least = 0;  // keys > upper, keys >= lower
   const __m512i hi = _mm512_set1_epi32(static_cast<int32_t>(upper)), lo = _mm512_set1_epi32(static_cast<int32_t>(lower));
   int64_t i = 0;
@@ -1274,58 +1267,69 @@ uint32_t kth_largest_key_sampled(const uint32_t* key, int64_t n, int64_t k) {
   }
   for (; i < n; ++i)
     if (key[i] >= lower && key[i] <= upper) between[m++] = key[i];
-  const int64_t r = k - above - 1;  // the k-th overall is the (k - above)-th largest in the bracket
-  std::nth_element(between.begin(), between.begin() + r, between.begin() + m, larger);
-  return between[r];
+  return kth_largest_key(between.data(), m, k - above);  // the (k - above)-th largest in the bracket
 }
 
 // The AMU's element top-k of a channels-last sample (channels contiguous, position (iy, ix) at
 // xs + iy · s2 + ix · s3) as a rule the list builder applies per 16 channels: keys (C per
-// position, position-major) above `threshold` are kept, those equal to it too where `all_ties`,
-// else those marked in `chosen` (the first ties in (c, iy, ix) order, as selact.amu ranks them).
+// position, position-major) above `threshold` are kept, and those equal to it in the channels
+// before `tie_channel`, and in that channel at the positions before `tie_position`: the first
+// ties in (c, iy, ix) order, as selact.amu ranks them (all ties: tie_channel = C).
 struct TopK {
   std::vector<uint32_t> keys;
-  std::vector<uint8_t> chosen;
   uint32_t threshold = 0;
-  bool all_ties = true;
+  int64_t tie_channel = 0, tie_position = 0;
 };
 
 void element_topk_channels_last(const float* xs, int64_t C, int64_t H, int64_t W, int64_t s2, int64_t s3,
                                 const float* norms, int64_t k, TopK& top) {
-  const int64_t n = C * H * W;
+  const int64_t n = C * H * W, P = H * W;
+  constexpr uint32_t ZERO = 0x80000000u;  // order_key(+0)
   top.keys.resize(static_cast<size_t>(n));
   uint32_t* key = top.keys.data();
-  for (int64_t iy = 0; iy < H; ++iy)
-    for (int64_t ix = 0; ix < W; ++ix) {
-      const float* in = xs + iy * s2 + ix * s3;
-      uint32_t* out = key + (iy * W + ix) * C;
-      for (int64_t c0 = 0; c0 < C; c0 += LANES) {
-        const __mmask16 lanes = C - c0 >= LANES ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c0)) - 1u);
-        __m512 score = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes, in + c0));
-        if (norms) score = _mm512_mul_ps(score, _mm512_maskz_loadu_ps(lanes, norms + c0));
-        _mm512_mask_storeu_epi32(out + c0, lanes, order_keys(score));
-      }
+  int64_t nonzero = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    const float* in = xs + (p / W) * s2 + (p % W) * s3;
+    uint32_t* out = key + p * C;
+    for (int64_t c0 = 0; c0 < C; c0 += LANES) {
+      const __mmask16 lanes = C - c0 >= LANES ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c0)) - 1u);
+      __m512 score = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes, in + c0));
+      if (norms) score = _mm512_mul_ps(score, _mm512_maskz_loadu_ps(lanes, norms + c0));
+      const __m512i kv = order_keys(score);
+      _mm512_mask_storeu_epi32(out + c0, lanes, kv);
+      nonzero += _mm_popcnt_u32(_mm512_mask_cmpgt_epu32_mask(lanes, kv, _mm512_set1_epi32(static_cast<int32_t>(ZERO))));
     }
+  }
+  top.tie_channel = C, top.tie_position = 0;
   if (k >= n) {  // every input kept
-    top.threshold = 0, top.all_ties = true;
+    top.threshold = 0;
     return;
   }
-  top.threshold = kth_largest_key_sampled(key, n, k);
+  // where no more than k scores are above zero (ReLU maps at high densities), the k-th is zero
+  top.threshold = nonzero <= k ? ZERO : kth_largest_key_sampled(key, n, k);
   int64_t above = 0, equal = 0;
 #pragma omp simd reduction(+ : above, equal)
   for (int64_t i = 0; i < n; ++i) {
     above += key[i] > top.threshold;
     equal += key[i] == top.threshold;
   }
-  top.all_ties = above + equal == k;
-  if (top.all_ties) return;
-  top.chosen.assign(static_cast<size_t>(n), 0);  // ties to the lower (c, iy, ix)
-  for (int64_t c = 0, ties = k - above; c < C && ties > 0; ++c)
-    for (int64_t p = 0; p < H * W && ties > 0; ++p)
-      if (key[p * C + c] == top.threshold) {
-        top.chosen[p * C + c] = 1;
-        --ties;
-      }
+  if (above + equal == k) return;  // every tie kept
+  // the first k - above ties in (c, iy, ix) order: whole channels, then part of one
+  thread_local std::vector<int32_t> ties_of;
+  ties_of.assign(static_cast<size_t>(C + LANES), 0);
+  const __m512i t = _mm512_set1_epi32(static_cast<int32_t>(top.threshold)), one = _mm512_set1_epi32(1);
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t c0 = 0; c0 < C; c0 += LANES) {
+      const __mmask16 lanes = C - c0 >= LANES ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c0)) - 1u);
+      const __mmask16 eq = _mm512_mask_cmpeq_epu32_mask(lanes, _mm512_loadu_si512(key + p * C + c0), t);
+      const __m512i count = _mm512_loadu_si512(ties_of.data() + c0);
+      _mm512_storeu_si512(ties_of.data() + c0, _mm512_mask_add_epi32(count, eq, count, one));
+    }
+  int64_t left = k - above, c = 0;
+  while (ties_of[c] < left) left -= ties_of[c++];
+  int64_t p = 0;
+  for (; left > 0; ++p) left -= key[p * C + c] == top.threshold;
+  top.tie_channel = c, top.tie_position = p;
 }
 
 // The lists of input row iy of a channels-last sample, from position list_at on (value, offset:
@@ -1337,8 +1341,8 @@ int64_t list_row_channels_last(const float* xs, int64_t iy, int64_t C, int64_t W
                                int64_t taps, int64_t Np, const std::vector<int64_t>& cover_x, float* value,
                                int32_t* offset, int64_t* first, int32_t* length) {
   int64_t at = 0, reach = 0;
-  const __m512i lane_offsets = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(taps * Np));
+  const __m512i lane_index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i lane_offsets = _mm512_mullo_epi32(lane_index, _mm512_set1_epi32(taps * Np));
   for (int64_t ix = 0; ix < W; ++ix) {
     const int64_t start = at, pos = iy * W + ix;
     const float* in = xs + iy * s2 + ix * s3;
@@ -1351,11 +1355,10 @@ int64_t list_row_channels_last(const float* xs, int64_t iy, int64_t C, int64_t W
         const __m512i kv = _mm512_maskz_loadu_epi32(lanes, key);
         const __m512i t = _mm512_set1_epi32(static_cast<int32_t>(top->threshold));
         kept = _mm512_mask_cmpgt_epu32_mask(lanes, kv, t);
-        if (top->all_ties)
-          kept |= _mm512_mask_cmpeq_epu32_mask(lanes, kv, t);
-        else
-          kept |= _mm_mask_cmpneq_epi8_mask(lanes, _mm_maskz_loadu_epi8(lanes, top->chosen.data() + pos * C + c0),
-                                            _mm_setzero_si128());
+        // ties: in the channels before tie_channel, and in it before tie_position
+        const __m512i channel = _mm512_add_epi32(lane_index, _mm512_set1_epi32(static_cast<int32_t>(c0)));
+        const __m512i last = _mm512_set1_epi32(static_cast<int32_t>(top->tie_channel - (pos < top->tie_position ? 0 : 1)));
+        kept |= _mm512_mask_cmpeq_epu32_mask(lanes, kv, t) & _mm512_cmple_epi32_mask(channel, last);
         _mm_mask_storeu_epi8(keep_out + pos * C + c0, lanes, _mm_movm_epi8(kept));
       } else {
         kept = _mm_mask_cmpneq_epi8_mask(lanes, _mm_maskz_loadu_epi8(lanes, mask + iy * m2 + ix * m3 + c0),
