@@ -311,7 +311,10 @@ def _conv_routes(case: KernelCase, device: str):
             m = _masks((case.batch, c_in), case.density, device).reshape(case.batch, c_in, 1, 1)
         variants.append((x, m))
     w_dense = weight.clone()  # its own copy, as in _linear_routes
-    routes = {"dense": [lambda v=v: F.conv2d(v[0], w_dense, bias, *args) for v in variants]}
+    # dense PyTorch on the layout a dense model has (oneDNN takes 1.5-2.5x as long on some
+    # channels-last inputs at batch 1)
+    dense_x = [v[0].contiguous() for v in variants]
+    routes = {"dense": [lambda x=x: F.conv2d(x, w_dense, bias, *args) for x in dense_x]}
     if case.granularity == "channel":  # a layer of the kept channels (no such layer for positions)
         kept = keep_count(case.density, c_in)
         kept_x = [
