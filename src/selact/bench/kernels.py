@@ -311,8 +311,8 @@ def _conv_routes(case: KernelCase, device: str):
             m = _masks((case.batch, c_in), case.density, device).reshape(case.batch, c_in, 1, 1)
         variants.append((x, m))
     w_dense = weight.clone()  # its own copy, as in _linear_routes
-    # dense PyTorch on the layout a dense model has (oneDNN takes 1.5-2.5x as long on some
-    # channels-last inputs at batch 1)
+    # dense PyTorch on the layout a dense model has (the element cases' inputs are channels-last,
+    # on which PyTorch's own convolution can take a different, slower route)
     dense_x = [v[0].contiguous() for v in variants]
     routes = {"dense": [lambda x=x: F.conv2d(x, w_dense, bias, *args) for x in dense_x]}
     if case.granularity == "channel":  # a layer of the kept channels (no such layer for positions)
