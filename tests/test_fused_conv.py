@@ -36,6 +36,17 @@ def _input(shape, zero_channels: int, channels_last: bool, seed: int) -> torch.T
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def _assert_reference_output(conv: nn.Conv2d, x, mask, y, executed) -> None:
+    """``y`` and its MACs are the reference backend's (float64) for ``x`` under ``mask``."""
+    expected, expected_macs = mgemm.conv2d(
+        x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(),
+        conv.stride, conv.padding, conv.dilation, in_mask=mask, backend="reference",
+    )  # fmt: skip
+    tol = 1e-5 * math.sqrt(conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1])
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
+    assert int(executed) == int(expected_macs)
+
+
 #: A selective convolution layer and its input, as both fused routes' tests draw them.
 LAYER_CASES = dict(
     c_out=st.integers(1, 70),
@@ -92,13 +103,7 @@ def test_fused_route_keeps_a_top_k_and_multiplies_exactly(
             assert kept.min() >= dropped.max() * (1 - 1e-5) - 1e-7
     # the output and MACs are the reference's for that mask
     mask = keep.reshape(batch, c_in, 1, 1)
-    expected, expected_macs = mgemm.conv2d(
-        x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(),
-        stride, padding, dilation, in_mask=mask, backend="reference",
-    )  # fmt: skip
-    tol = 1e-5 * math.sqrt(c_in * kernel * kernel)
-    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
-    assert int(executed) == int(expected_macs)
+    _assert_reference_output(conv, x, mask, y, executed)
 
 
 def test_fused_route_matches_the_general_route_on_a_model():
@@ -170,13 +175,7 @@ def test_fused_element_route_keeps_the_amus_top_k_and_multiplies_exactly(
         mask = amu.mask(x, conv.weight, config, layout="conv", norms=norms)
     assert torch.equal(y_layer, y)
     assert torch.equal(keep, mask.expand_as(x))
-    expected, expected_macs = mgemm.conv2d(
-        x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(),
-        stride, padding, dilation, in_mask=mask, backend="reference",
-    )  # fmt: skip
-    tol = 1e-5 * math.sqrt(c_in * kernel * kernel)
-    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
-    assert int(executed) == int(expected_macs)
+    _assert_reference_output(conv, x, mask, y, executed)
 
 
 @pytest.mark.parametrize("case", ["random", "dead channels", "sample misleads", "all equal"])
