@@ -14,8 +14,9 @@ contiguous row per input, so a dropped input costs no memory traffic at all. flo
   samples of a batch side by side, one thread each. With spatial masks (any stride): the kept
   positions' inputs times every weight they feed (at stride s, each tap times the positions it
   meets), each product then added where it lands. With element masks (any stride): the kept
-  nonzero inputs listed per input row, each added times its weights into the output rows it
-  reaches, held in L1 (a scatter, no GEMM). Outputs are in channels-last memory format.
+  nonzero inputs listed per input position, each list added times its weights into the output
+  positions it reaches, the sums held in registers (no im2col, no GEMM). Outputs are in
+  channels-last memory format.
 
 The public ops' call signatures that the dispatcher gives this backend are planned in the
 kernels (:func:`plan`), which then serve later calls of them without Python (:data:`PLANNED`).

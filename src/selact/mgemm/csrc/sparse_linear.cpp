@@ -1220,6 +1220,11 @@ void scatter_list(int64_t taps, const float* value, const int32_t* offset, int64
   else scatter_columns<3>(value, offset, n, wt, Np, tap, acc, reach);
 }
 
+// The lanes of channels [c0, c0 + 16) that exist among C.
+inline __mmask16 channel_lanes(int64_t C, int64_t c0) {
+  return C - c0 >= LANES ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c0)) - 1u);
+}
+
 // Order keys (order_key) of 16 non-negative-or-NaN scores at once.
 inline __m512i order_keys(__m512 f) {
   const __m512i u = _mm512_castps_si512(_mm512_add_ps(f, _mm512_setzero_ps()));
@@ -1292,7 +1297,7 @@ void element_topk_channels_last(const float* xs, int64_t C, int64_t H, int64_t W
     const float* in = xs + (p / W) * s2 + (p % W) * s3;
     uint32_t* out = key + p * C;
     for (int64_t c0 = 0; c0 < C; c0 += LANES) {
-      const __mmask16 lanes = C - c0 >= LANES ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c0)) - 1u);
+      const __mmask16 lanes = channel_lanes(C, c0);
       __m512 score = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes, in + c0));
       if (norms) score = _mm512_mul_ps(score, _mm512_maskz_loadu_ps(lanes, norms + c0));
       const __m512i kv = order_keys(score);
@@ -1320,8 +1325,8 @@ void element_topk_channels_last(const float* xs, int64_t C, int64_t H, int64_t W
   const __m512i t = _mm512_set1_epi32(static_cast<int32_t>(top.threshold)), one = _mm512_set1_epi32(1);
   for (int64_t p = 0; p < P; ++p)
     for (int64_t c0 = 0; c0 < C; c0 += LANES) {
-      const __mmask16 lanes = C - c0 >= LANES ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c0)) - 1u);
-      const __mmask16 eq = _mm512_mask_cmpeq_epu32_mask(lanes, _mm512_loadu_si512(key + p * C + c0), t);
+      const __mmask16 lanes = channel_lanes(C, c0);
+      const __mmask16 eq = _mm512_mask_cmpeq_epu32_mask(lanes, _mm512_maskz_loadu_epi32(lanes, key + p * C + c0), t);
       const __m512i count = _mm512_loadu_si512(ties_of.data() + c0);
       _mm512_storeu_si512(ties_of.data() + c0, _mm512_mask_add_epi32(count, eq, count, one));
     }
@@ -1332,8 +1337,8 @@ void element_topk_channels_last(const float* xs, int64_t C, int64_t H, int64_t W
   top.tie_channel = c, top.tie_position = p;
 }
 
-// The lists of input row iy of a channels-last sample, from position list_at on (value, offset:
-// room for C · W + 16 entries), 16 channels at a time: which are kept (the given mask's bytes,
+// The lists of input row iy of a channels-last sample, into value and offset (room for C · W + 16
+// entries; position ix's list from first[ix], length[ix] long), 16 channels at a time: which are kept (the given mask's bytes,
 // channels contiguous, or the top-k rule, whose mask it also writes to keep_out), and nonzero,
 // compressed into the lists. Returns the row's MACs per output channel.
 int64_t list_row_channels_last(const float* xs, int64_t iy, int64_t C, int64_t W, int64_t s2, int64_t s3,
@@ -1347,7 +1352,7 @@ int64_t list_row_channels_last(const float* xs, int64_t iy, int64_t C, int64_t W
     const int64_t start = at, pos = iy * W + ix;
     const float* in = xs + iy * s2 + ix * s3;
     for (int64_t c0 = 0; c0 < C; c0 += LANES) {
-      const __mmask16 lanes = C - c0 >= LANES ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c0)) - 1u);
+      const __mmask16 lanes = channel_lanes(C, c0);
       const __m512 v = _mm512_maskz_loadu_ps(lanes, in + c0);
       __mmask16 kept;
       if (top) {
@@ -1399,9 +1404,10 @@ constexpr bool SCATTER = false;  // the gather form serves every case
 // A convolution of x (B, C, H, W), any strides, in which sample b keeps the single inputs
 // mask[b] (mask: (B, C, H, W) or (1, C, H, W) bool, any strides; if undefined, the AMU's element
 // top-k of k inputs a sample, see element_topk). No im2col and no GEMM: the kept nonzero inputs
-// are listed per input position (in channel order). Scatter form (AVX-512; stride 1, kernels 3 or
-// 1 wide; x and mask read channels-last, as the cpu backend's convolutions and BatchNorm give
-// them, copied so where they are not): the threads take bands of input rows, list each row's kept inputs 16 channels at a time
+// are listed per input position (in channel order). Scatter form (AVX-512; any stride, where a
+// kernel row reaches at most 3 outputs from one input column; x and mask read channels-last, as
+// the cpu backend's convolutions and BatchNorm give them, copied so where they are not): the
+// threads take bands of input rows, list each row's kept inputs 16 channels at a time
 // (compressed in registers) and add each list, times its weights, into the output positions it
 // reaches, held in registers across the list, in the band's own copy of the outputs; the copies
 // are then summed into y. Gather form (any other case): all lists first, then each output position
@@ -1462,8 +1468,9 @@ std::tuple<at::Tensor, at::Tensor, int64_t> element_conv(
   // Scatter form: the bands' copies of the outputs, (GY, GX, Np) each, output (oy, ox) at
   // (oy + HY, ox + HX). Input row iy reaches output row (iy + ph - ty · dh) / sh by the kernel
   // rows ty that divide evenly (all of them at stride 1), column ix likewise: a copy holds every
-  // output, and every output position an input reaches off the edges too. Column ix's taps: col_taps[ix], their
-  // weights' offsets (tx · Np) and their outputs' (gx · Np) in col_tap and col_reach.
+  // output, and every output position an input reaches off the edges too. Column ix's taps:
+  // col_taps[ix], their weights' offsets (tx · Np) and their outputs' (gx · Np) in col_tap and
+  // col_reach.
   auto floor_div = [](int64_t a, int64_t d) { return (a >= 0 ? a : a - d + 1) / d; };
   const int64_t HY = ((kh - 1) * dh + sh - 1) / sh, HX = ((kw - 1) * dw + sw - 1) / sw;
   const int64_t GY = std::max((H - 1 + ph) / sh + 1, Ho) + HY, GX = std::max((W - 1 + pw) / sw + 1, Wo) + HX;
@@ -1507,7 +1514,8 @@ std::tuple<at::Tensor, at::Tensor, int64_t> element_conv(
       for (int64_t t = t0; t < t1; ++t) {
         const auto [a, z] = rows_of(t);
         float* acc = copy0 + t * plane;
-        std::memset(acc + lowest(a) * GX * Np, 0, static_cast<size_t>((highest(z) - lowest(a) + 1) * GX * Np) * sizeof(float));
+        const int64_t rows = highest(z) - lowest(a) + 1;
+        std::memset(acc + lowest(a) * GX * Np, 0, static_cast<size_t>(rows * GX * Np) * sizeof(float));
         for (int64_t iy = a; iy < z; ++iy) {
 #if defined(__AVX512F__)
           part += cover_y[iy] * list_row_channels_last(xs, iy, C, W, s2, s3, mp + s * m0, m2, m3, top, keep_out, taps,
