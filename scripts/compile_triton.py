@@ -17,15 +17,21 @@ import os
 import time
 
 #: Pointer arguments whose type does not follow the data's dtype.
-POINTERS = {"m_ptr": "*u8", "idx_ptr": "*i32", "count_ptr": "*i32", "p_ptr": "*fp32"}
+POINTERS = {
+    "m_ptr": "*u8", "idx_ptr": "*i32", "count_ptr": "*i32", "p_ptr": "*fp32", "lock_ptr": "*i32",
+}  # fmt: skip
 #: (kernel, its constexpr arguments, pointer types overridden).
 VARIANTS = [
     ("_rows_kernel", dict(HAS_MASK=True, HAS_BIAS=True, BLOCK_K=128, BLOCK_N=32, SPLIT_K=1,
-                          AHEAD=True, LISTED=False), {}),
+                          AHEAD=True, LISTED=False, FUSED_SUM=False), {}),
     ("_rows_kernel", dict(HAS_MASK=True, HAS_BIAS=True, BLOCK_K=64, BLOCK_N=64, SPLIT_K=2,
-                          AHEAD=False, LISTED=True), {"y_ptr": "*fp32"}),  # partial sums
+                          AHEAD=False, LISTED=True, FUSED_SUM=False), {}),  # partial sums
+    ("_rows_kernel", dict(HAS_MASK=True, HAS_BIAS=True, BLOCK_K=16, BLOCK_N=512, SPLIT_K=16,
+                          AHEAD=False, LISTED=False, FUSED_SUM=True), {}),  # summed by the last
     ("_shared_kernel", dict(HAS_MASK=True, HAS_BIAS=True, BLOCK_M=16, BLOCK_K=64, BLOCK_N=128,
-                            SPLIT_K=1, LISTED=True), {}),
+                            SPLIT_K=1, LISTED=True, FUSED_SUM=False), {}),
+    ("_shared_kernel", dict(HAS_MASK=True, HAS_BIAS=True, BLOCK_M=16, BLOCK_K=64, BLOCK_N=256,
+                            SPLIT_K=8, LISTED=False, FUSED_SUM=True), {}),
     ("_kept_rows_kernel", dict(HAS_MASK=True, SKIP_ZEROS=True, BLOCK=4096), {}),
     ("_sum_splits_kernel", dict(HAS_BIAS=True, SPLIT_K=4, BLOCK=1024), {}),
     ("_out_masked_kernel", dict(HAS_BIAS=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), {}),

@@ -111,3 +111,33 @@ def test_cuda_graph_training_matches_eager(caplog):
     for a, b in pairs:
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=1e-4)
     assert graphed.metrics["test"]["top1"] == pytest.approx(eager.metrics["test"]["top1"], abs=0.02)
+
+
+@pytest.mark.parametrize("kind", ["rows", "shared"])
+def test_every_triton_tile_candidate_matches_the_reference(kind, monkeypatch):
+    """Each tile configuration the tuner may choose, in bf16 on this GPU, against the reference:
+    the interpreter (CI) runs only a few, and a choice is timed, not checked. Sizes divisible by 16
+    as the benchmark's are (Triton compiles them alike) with partial blocks; each case runs twice,
+    so a fused K split must have set its tile counts back to 0."""
+    from selact.mgemm import triton_kernels
+
+    monkeypatch.setenv("SELACT_TRITON_AUTOTUNE", "0")
+    g = torch.Generator().manual_seed(0)
+    rows = 1 if kind == "rows" else 16
+    x = torch.randn(rows, 2000, generator=g).clamp_min(-0.2).to("cuda", torch.bfloat16)
+    w = (torch.randn(1040, 2000, generator=g) / 45).to("cuda", torch.bfloat16)
+    b = torch.randn(1040, generator=g).to("cuda", torch.bfloat16)
+    shape = (rows, 2000) if kind == "rows" else (2000,)
+    mask = (torch.rand(*shape, generator=g) < 0.4).cuda()
+    expected, _ = mgemm.linear(x, w, b, in_mask=mask, backend="reference")
+    candidates = triton_kernels.ROWS_TILES if kind == "rows" else triton_kernels.SHARED_TILES
+    name = "ROWS_TILES" if kind == "rows" else "SHARED_TILES"
+    for tiles in candidates:
+        monkeypatch.setattr(triton_kernels, name, [tiles])
+        triton_kernels.forget_tuning()
+        for _ in range(2):
+            y, _ = mgemm.linear(x, w, b, in_mask=mask, backend="triton")
+            torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2,
+                                       msg=lambda m, t=tiles: f"{t}: {m}")  # fmt: skip
+    for counts in triton_kernels._COUNTS.values():
+        assert not counts.any(), "a fused K split left a tile's count set"

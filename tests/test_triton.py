@@ -192,26 +192,29 @@ def test_interpreted_triton_is_never_chosen_automatically():
     assert mgemm.choose(case).name != "triton"
 
 
-VARIANTS = [  # (K split, weights one block ahead, kept rows listed first)
-    (1, False, False), (2, False, False), (4, False, False), (1, True, False), (3, True, False),
-    (1, False, True), (3, False, True),
+VARIANTS = [  # (K split, weights one block ahead, kept rows listed first, sums fused)
+    (1, False, False, False), (2, False, False, False), (4, False, False, False),
+    (1, True, False, False), (3, True, False, False), (1, False, True, False),
+    (3, False, True, False), (4, False, False, True), (3, False, True, True),
 ]  # fmt: skip
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the tuner tries every candidate")
-@pytest.mark.parametrize(("split", "ahead", "compact"), VARIANTS)
+@pytest.mark.parametrize(("split", "ahead", "compact", "fused"), VARIANTS)
 @pytest.mark.parametrize("rows", [1, 2, 16, 17])
-def test_every_variant_of_the_interpreted_kernels(rows, split, ahead, compact, monkeypatch):
-    """Both input-masked kernels with each K split (partial sums added by a second kernel), the
-    GEMV with its weights loaded one block ahead or not, both walking every input or a list of the
-    kept ones, bias included, against the reference; the interpreter runs the first candidate."""
+def test_every_variant_of_the_interpreted_kernels(rows, split, ahead, compact, fused, monkeypatch):
+    """Both input-masked kernels with each K split (partial sums added by a second kernel or by
+    each tile's last split), the GEMV with its weights loaded one block ahead or not, both walking
+    every input or a list of the kept ones, bias included, against the reference; the interpreter
+    runs the first candidate. Each mask runs twice: the fused sums leave their counts at 0."""
     from selact.mgemm import triton_kernels
     from selact.mgemm.triton_kernels import Tiles
 
     monkeypatch.setattr(triton_kernels, "_CHOSEN", {})
-    rows_tiles = Tiles(32, 32, split, ahead=ahead, compact=compact)
+    monkeypatch.setattr(triton_kernels, "_COUNTS", {})
+    rows_tiles = Tiles(32, 32, split, ahead=ahead, compact=compact, fused_sum=fused)
     monkeypatch.setattr(triton_kernels, "ROWS_TILES", [rows_tiles])
-    shared_tiles = Tiles(32, 32, split, block_m=16, compact=compact)
+    shared_tiles = Tiles(32, 32, split, block_m=16, compact=compact, fused_sum=fused)
     monkeypatch.setattr(triton_kernels, "SHARED_TILES", [shared_tiles])
     g = torch.Generator().manual_seed(rows + 10 * split)
     x = torch.randn(rows, 200, generator=g).clamp_min(-0.3)
@@ -222,9 +225,12 @@ def test_every_variant_of_the_interpreted_kernels(rows, split, ahead, compact, m
     for mask in masks:
         if mask.dim() == 2 and rows > 2:
             continue  # per-row masks: at most 2 rows (triton_backend.MAX_ROWS)
-        y, _ = mgemm.linear(x, w, b, in_mask=mask, backend="triton")
         expected, _ = _reference(x, w, b, mask)
-        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+        for _ in range(2):
+            y, _ = mgemm.linear(x, w, b, in_mask=mask, backend="triton")
+            torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    for counts in triton_kernels._COUNTS.values():
+        assert not counts.any(), "a fused K split left a tile's count set"
 
 
 def test_forget_tuning_makes_the_next_call_choose_again(monkeypatch):
@@ -252,4 +258,4 @@ def test_every_kernel_compiles_for_a_hopper_gpu():
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("bytes of shared memory") == 7
+    assert done.stdout.count("bytes of shared memory") == 9

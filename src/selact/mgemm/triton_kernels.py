@@ -24,9 +24,10 @@ the tuner's choice.
 Weights are read as ``Wᵀ`` (K, N), contiguous, so that a kept input's weights are one row. The
 inputs and mask of the next K block are loaded before the weights of the current one, so that the
 weight loads never wait for the mask. Accumulation is float32; with a K split, each split writes
-its partial sums to a float32 buffer and :func:`_sum_splits_kernel` adds them in a fixed order
-(results do not depend on timing). Tile sizes and the K split are chosen per shape on the GPU by
-timing the candidates (:func:`_pick`).
+its partial sums to a float32 buffer, and either :func:`_sum_splits_kernel` adds them or, with
+``fused_sum``, the split of each tile that finishes last does (an atomic count tells it: no second
+kernel), both in a fixed order (results do not depend on timing). Tile sizes and the K split
+are chosen per shape on the GPU by timing the candidates (:func:`_pick`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Tiles:
     num_stages: int = 2
     ahead: bool = False  # GEMV: load the next block's weights before using the current one's
     compact: bool = False  # list the kept rows first (_kept_rows_kernel), then walk that list
+    fused_sum: bool = False  # K split: the last split of each tile adds the partial sums
 
 
 #: Candidates per kernel, the first being the interpreter's (and SELACT_TRITON_AUTOTUNE=0's).
@@ -80,6 +82,17 @@ ROWS_TILES = [
         (32, 128, 1, 4, 3), (32, 64, 1, 4, 3), (64, 64, 1, 4, 3), (64, 128, 1, 8, 3),
         (32, 64, 2, 4, 3), (64, 64, 2, 4, 3), (128, 64, 4, 4, 3),
     ]),
+    # wide output blocks (whole 256-2048-byte runs of each weight row) and deep K splits, the
+    # partial sums added by each tile's last split: short walks, many bytes in flight, no second
+    # kernel
+    *(Tiles(n, k, s, num_warps=w, num_stages=3, compact=c, fused_sum=True)
+      for n, k, s, w, c in [
+        (128, 64, 8, 4, False), (128, 32, 16, 4, False), (256, 32, 8, 4, False),
+        (256, 32, 16, 4, False), (256, 64, 4, 8, False), (512, 16, 16, 4, False),
+        (512, 16, 16, 8, False), (512, 32, 8, 8, False), (1024, 16, 16, 8, False),
+        (1024, 8, 32, 8, False), (128, 64, 4, 4, True), (256, 16, 16, 4, True),
+        (256, 32, 8, 4, True), (512, 16, 16, 8, True),
+    ]),
 ]  # fmt: skip
 #: Shared-mask GEMM: one block of rows for up to 64 rows (each block re-reads the kept weights).
 SHARED_TILES = [
@@ -93,6 +106,12 @@ SHARED_TILES = [
     *(Tiles(n, k, s, block_m=m, num_warps=w, num_stages=3, compact=True) for m, n, k, s, w in [
         (16, 128, 64, 1, 4), (16, 256, 64, 4, 8), (16, 128, 64, 2, 4), (64, 128, 64, 2, 8),
         (64, 128, 64, 1, 8),
+    ]),
+    *(Tiles(n, k, s, block_m=m, num_warps=w, num_stages=3, compact=c, fused_sum=True)
+      for m, n, k, s, w, c in [
+        (16, 128, 64, 4, 4, False), (16, 128, 64, 8, 4, False), (16, 256, 64, 8, 8, False),
+        (16, 256, 32, 16, 8, False), (16, 512, 32, 8, 8, False), (64, 128, 64, 4, 8, False),
+        (16, 128, 64, 4, 4, True), (16, 256, 64, 8, 8, True),
     ]),
 ]  # fmt: skip
 #: Output-masked GEMM tiles.
@@ -157,17 +176,30 @@ def _launch_options(tiles: Tiles) -> dict[str, int]:
 
 @triton.jit
 def _store(
-    y_ptr, b_ptr, acc, offsets, ok, offs_n, n_ok, split, stride_s, HAS_BIAS: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    y_ptr, p_ptr, lock_ptr, b_ptr, acc, offsets, ok, offs_n, n_ok, split, stride_s,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, FUSED_SUM: tl.constexpr,
 ):  # fmt: skip
     """The input-masked kernels' output: ``acc`` (+ bias) in the output's dtype, or, with a K
-    split, float32 partial sums at ``split`` (added by :func:`_sum_splits_kernel`)."""
+    split, float32 partial sums at ``split`` in ``p``. These are added by :func:`_sum_splits_kernel`
+    or, FUSED_SUM, by whichever split of the tile finishes last (its count at ``lock_ptr`` tells
+    it), in the same fixed order, with no second kernel; that split sets the count back to 0."""
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + offsets, acc.to(y_ptr.dtype.element_ty), mask=ok)
     else:
-        tl.store(y_ptr + split * stride_s + offsets, acc, mask=ok)
+        tl.store(p_ptr + split * stride_s + offsets, acc, mask=ok)
+        if FUSED_SUM:
+            tl.debug_barrier()  # every thread's partial sums stored before the count rises
+            if tl.atomic_add(lock_ptr, 1, sem="acq_rel") == SPLIT_K - 1:
+                out = tl.zeros_like(acc)
+                for other in tl.static_range(SPLIT_K):  # from L2: other SMs wrote them
+                    ptrs = p_ptr + other * stride_s + offsets
+                    out += tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+                tl.store(y_ptr + offsets, out.to(y_ptr.dtype.element_ty), mask=ok)
+                tl.atomic_xchg(lock_ptr, 0)
 
 
 @triton.jit
@@ -220,9 +252,10 @@ def _walk_range(count_ptr, K, split, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexp
 
 @triton.jit
 def _rows_kernel(
-    x_ptr, m_ptr, idx_ptr, count_ptr, wt_ptr, b_ptr, y_ptr, K, N, stride_x, stride_m, stride_w,
-    stride_y, stride_s, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, AHEAD: tl.constexpr, LISTED: tl.constexpr,
+    x_ptr, m_ptr, idx_ptr, count_ptr, wt_ptr, b_ptr, y_ptr, p_ptr, lock_ptr, K, N, stride_x,
+    stride_m, stride_w, stride_y, stride_s, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, AHEAD: tl.constexpr,
+    LISTED: tl.constexpr, FUSED_SUM: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -263,15 +296,17 @@ def _rows_kernel(
         xv = x_next
         keep = keep_next
     out = tl.sum(acc, axis=0)
-    _store(y_ptr, b_ptr, out, row * stride_y + offs_n, n_ok, offs_n, n_ok, split, stride_s,
-           HAS_BIAS, SPLIT_K)  # fmt: skip
+    lock = lock_ptr + row * tl.num_programs(0) + pid_n
+    _store(y_ptr, p_ptr, lock, b_ptr, out, row * stride_y + offs_n, n_ok, offs_n, n_ok, split,
+           stride_s, HAS_BIAS, SPLIT_K, FUSED_SUM)  # fmt: skip
 
 
 @triton.jit
 def _shared_kernel(
-    x_ptr, m_ptr, idx_ptr, count_ptr, wt_ptr, b_ptr, y_ptr, R, K, N, stride_x, stride_w, stride_y,
-    stride_s, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, LISTED: tl.constexpr,
+    x_ptr, m_ptr, idx_ptr, count_ptr, wt_ptr, b_ptr, y_ptr, p_ptr, lock_ptr, R, K, N, stride_x,
+    stride_w, stride_y, stride_s, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    LISTED: tl.constexpr, FUSED_SUM: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -301,8 +336,9 @@ def _shared_kernel(
         ks = ks_next
         keep = keep_next
     ptrs = offs_m[:, None] * stride_y + offs_n[None, :]
-    _store(y_ptr, b_ptr, acc, ptrs, m_ok[:, None] & n_ok[None, :], offs_n, n_ok, split, stride_s,
-           HAS_BIAS, SPLIT_K)  # fmt: skip
+    lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
+    _store(y_ptr, p_ptr, lock, b_ptr, acc, ptrs, m_ok[:, None] & n_ok[None, :], offs_n, n_ok,
+           split, stride_s, HAS_BIAS, SPLIT_K, FUSED_SUM)  # fmt: skip
 
 
 @triton.jit
@@ -431,16 +467,36 @@ def _channel_conv_kernel(
     tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _split_output(x2: torch.Tensor, r: int, n: int, tiles: Tiles):
-    """The output and the buffer the kernel writes: ``y`` itself, or float32 partial sums."""
+def _outputs(x2: torch.Tensor, r: int, n: int, tiles: Tiles, tiles_count: int):
+    """(y, float32 partial sums, tile counts) for a launch: the last two only with a K split,
+    the counts only for its fused sums (the kernels take ``y`` for what they do not use)."""
     y = x2.new_empty(r, n)
     if tiles.split_k == 1:
-        return y, y
-    return y, torch.empty(tiles.split_k, r, n, device=x2.device, dtype=torch.float32)
+        return y, y, y
+    partial = torch.empty(tiles.split_k, r, n, device=x2.device, dtype=torch.float32)
+    counts = _tile_counts(x2.device, tiles_count) if tiles.fused_sum else partial
+    return y, partial, counts
+
+
+_COUNTS: dict[tuple, torch.Tensor] = {}
+
+
+def _tile_counts(device: torch.device, size: int) -> torch.Tensor:
+    """At least ``size`` zeroed int32 counts for the fused K-split sums. One buffer per device and
+    stream, kept between calls with no memset: each tile's last split sets its count back to 0,
+    and kernels on one stream run one after another."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    counts = _COUNTS.get(key)
+    if counts is None or counts.numel() < size:
+        counts = torch.zeros(max(size, 4096), device=device, dtype=torch.int32)
+        _COUNTS[key] = counts
+    return counts
 
 
 def _sum_splits(partial: torch.Tensor, bias, y: torch.Tensor, tiles: Tiles) -> None:
-    if tiles.split_k == 1:
+    """The partial sums of a K split added by a second kernel (unless the splits fused them)."""
+    if tiles.split_k == 1 or tiles.fused_sum:
         return
     block = 1024
     total = y.numel()
@@ -481,20 +537,21 @@ def rows_linear(x2, mask, wt, bias):
     stride_m = 0 if mask is None or mask.dim() == 1 else mask.stride(0)
 
     def launch(tiles: Tiles) -> torch.Tensor:
-        y, target = _split_output(x2, r, n, tiles)
         grid = (triton.cdiv(n, tiles.block_n), tiles.split_k, r)
-        stride_s = target.stride(0) if tiles.split_k > 1 else 0
+        y, partial, counts = _outputs(x2, r, n, tiles, grid[0] * r)
+        stride_s = partial.stride(0) if tiles.split_k > 1 else 0
         idx = count = x2  # unused unless listed
         if tiles.compact:
             idx, count = _kept_rows(x2, m, r, stride_m, mask is not None, skip_zeros=True)
         _rows_kernel[grid](
-            x2, m, idx, count, wt, bias if bias is not None else x2, target, k, n,
+            x2, m, idx, count, wt, bias if bias is not None else x2, y, partial, counts, k, n,
             x2.stride(0), stride_m, wt.stride(0), n, stride_s,
             HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
             BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, SPLIT_K=tiles.split_k,
-            AHEAD=tiles.ahead, LISTED=tiles.compact, **_launch_options(tiles),
+            AHEAD=tiles.ahead, LISTED=tiles.compact, FUSED_SUM=tiles.fused_sum,
+            **_launch_options(tiles),
         )  # fmt: skip
-        _sum_splits(target, bias, y, tiles)
+        _sum_splits(partial, bias, y, tiles)
         return y
 
     return launch(_pick(_key("rows", x2, wt, mask is not None), ROWS_TILES, launch))
@@ -508,20 +565,20 @@ def shared_linear(x2, mask, wt, bias):
     candidates = [t for t in SHARED_TILES if t.block_m <= max(16, triton.next_power_of_2(r))]
 
     def launch(tiles: Tiles) -> torch.Tensor:
-        y, target = _split_output(x2, r, n, tiles)
         grid = (triton.cdiv(n, tiles.block_n), tiles.split_k, triton.cdiv(r, tiles.block_m))
-        stride_s = target.stride(0) if tiles.split_k > 1 else 0
+        y, partial, counts = _outputs(x2, r, n, tiles, grid[0] * grid[2])
+        stride_s = partial.stride(0) if tiles.split_k > 1 else 0
         idx = count = x2  # unused unless listed
         if tiles.compact:
             idx, count = _kept_rows(x2, m, 1, 0, mask is not None, skip_zeros=False)
         _shared_kernel[grid](
-            x2, m, idx, count, wt, bias if bias is not None else x2, target, r, k, n,
+            x2, m, idx, count, wt, bias if bias is not None else x2, y, partial, counts, r, k, n,
             x2.stride(0), wt.stride(0), n, stride_s,
             HAS_MASK=mask is not None, HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
             BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, SPLIT_K=tiles.split_k,
-            LISTED=tiles.compact, **_launch_options(tiles),
+            LISTED=tiles.compact, FUSED_SUM=tiles.fused_sum, **_launch_options(tiles),
         )  # fmt: skip
-        _sum_splits(target, bias, y, tiles)
+        _sum_splits(partial, bias, y, tiles)
         return y
 
     return launch(_pick(_key("shared", x2, wt, mask is not None), candidates, launch))
