@@ -304,14 +304,15 @@ def test_overrides_change_the_plan_and_the_finetuning():
 
 
 def test_task_args_override_the_recipe_and_reach_the_shards(tmp_path):
-    config = SweepConfig(model="vgg16", task_args={"auto_augment": "trivialaugment", "cutout": 0})
+    config = SweepConfig(model="vgg16", task_args={"auto_augment": "randaugment", "cutout": 0})
     rec = sweep_recipe(config)
-    assert rec.task_args == {"label_smoothing": 0.1, "cutout": 0, "auto_augment": "trivialaugment"}
+    assert rec.task_args == {"label_smoothing": 0.1, "cutout": 0, "auto_augment": "randaugment"}
     assert recipe("vgg16").task_args["cutout"] == 8  # the recipe itself is untouched
+    assert recipe("vgg16").task_args["auto_augment"] == "trivialaugment"
     args = _child_args(config, "c", tmp_path / "d", tmp_path / "o", tmp_path / "r",
                        tmp_path / "s", "1/2", None)  # fmt: skip
     pairs = [args[i + 1] for i, a in enumerate(args) if a == "--task-arg"]
-    assert pairs == ['auto_augment="trivialaugment"', "cutout=0"]
+    assert pairs == ['auto_augment="randaugment"', "cutout=0"]
     result = CliRunner().invoke(app, ["sweep", "--smoke", "--task-arg", "colour=1",
                                       "--out", str(tmp_path / "rows.json")])  # fmt: skip
     assert result.exit_code == 1 and "no setting colour" in result.output
