@@ -1338,9 +1338,9 @@ void element_topk_channels_last(const float* xs, int64_t C, int64_t H, int64_t W
 }
 
 // The lists of input row iy of a channels-last sample, into value and offset (room for C · W + 16
-// entries; position ix's list from first[ix], length[ix] long), 16 channels at a time: which are kept (the given mask's bytes,
-// channels contiguous, or the top-k rule, whose mask it also writes to keep_out), and nonzero,
-// compressed into the lists. Returns the row's MACs per output channel.
+// entries; position ix's list from first[ix], length[ix] long), 16 channels at a time: which are
+// kept (the given mask's bytes, channels contiguous, or the top-k rule, whose mask it also writes
+// to keep_out), and nonzero, compressed into the lists. Returns the row's MACs per output channel.
 int64_t list_row_channels_last(const float* xs, int64_t iy, int64_t C, int64_t W, int64_t s2, int64_t s3,
                                const bool* mask, int64_t m2, int64_t m3, const TopK* top, bool* keep_out,
                                int64_t taps, int64_t Np, const std::vector<int64_t>& cover_x, float* value,
