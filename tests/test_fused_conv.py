@@ -178,21 +178,31 @@ def test_fused_element_route_keeps_the_amus_top_k_and_multiplies_exactly(
     _assert_reference_output(conv, x, mask, y, executed)
 
 
-@pytest.mark.parametrize("case", ["random", "dead channels", "sample misleads", "all equal"])
-def test_fused_element_top_k_of_large_maps(case):
-    """Maps of 8192 inputs or more: the kernel brackets the k-th score from a sample of 1024 and
-    falls back to the full radix select where the sample misleads; ties (many exact zeros, equal
-    scores) still go to the lower (c, h, w) index, as the AMU ranks them."""
+@pytest.mark.parametrize("shape", [(16, 32, 32), (64, 8, 8)])
+@pytest.mark.parametrize(
+    "case", ["random", "dead channels", "sample misleads", "coarse values", "all equal"]
+)
+def test_fused_element_top_k_of_large_maps(case, shape):
+    """Maps of 2048 inputs or more: the kernel brackets the k-th score from a sample of n/8 (at
+    most 1024, spread over the channels) and falls back to the full radix select where the
+    sample misleads; ties (many exact zeros, equal scores) still go to the lower (c, h, w) index,
+    as the AMU ranks them."""
     torch.manual_seed(0)
-    x = torch.randn(2, 16, 32, 32).relu()
+    c = shape[0]
+    x = torch.randn(2, *shape).relu().contiguous(memory_format=torch.channels_last)
     if case == "dead channels":  # fewer nonzero inputs than kept: ties at zero
-        x[:, :12] = 0
-    elif case == "sample misleads":  # every 16th input (the sample) far above the rest
-        x.view(2, -1)[:, ::16] = 100.0
+        x[:, : c * 3 // 4] = 0
+    elif case == "sample misleads":  # the sampled inputs far above the rest
+        n = x[0].numel()
+        samples = min(1024, n // 8)
+        step = n // samples
+        sampled = torch.arange(samples) * step + torch.arange(samples) % step  # channels-last
+        x.permute(0, 2, 3, 1).view(2, -1)[:, sampled] = 100.0
+    elif case == "coarse values":  # ties at a nonzero k-th score, inside the bracket
+        x = (x * 2).round() / 2
     elif case == "all equal":
         x = torch.ones_like(x)
-    x = x.contiguous(memory_format=torch.channels_last)
-    conv = nn.Conv2d(16, 16, 3, padding=1)
+    conv = nn.Conv2d(c, 16, 3, padding=1)
     config = selact.SelectiveConfig(granularity="element", density=1 / 3, check_finite=False)
     k = amu.keep_count(1 / 3, x[0].numel())
     with torch.inference_mode():

@@ -508,9 +508,9 @@ def test_cpu_element_conv_matches_brute_force(
     mask_channels_last, seed,
 ):  # fmt: skip
     """The ``cpu`` backend's element-masked convolution (the scatter form at any stride with
-    kernel rows of at most 3 reaching taps, the gather form otherwise; either memory format of x
-    and the mask) against float64 PyTorch on the masked input, and its MACs against an independent
-    count (unfold)."""
+    kernel rows of at most 3 reaching taps, by whole input rows at horizontal stride and dilation
+    1, the gather form otherwise; either memory format of x and the mask) against float64 PyTorch
+    on the masked input, and its MACs against an independent count (unfold)."""
     from selact.mgemm import cpu
 
     if not cpu.available():

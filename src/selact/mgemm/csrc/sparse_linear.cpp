@@ -1220,6 +1220,61 @@ void scatter_list(int64_t taps, const float* value, const int32_t* offset, int64
   else scatter_columns<3>(value, offset, n, wt, Np, tap, acc, reach);
 }
 
+// Row form of the scatter, for kernels at horizontal stride and dilation 1 (each input column
+// meets all KW ≤ 3 taps of a kernel row, its outputs KW consecutive columns): one pass along an
+// input row's lists for the KT ≤ 3 kernel rows that reach outputs from it, 16 output channels at a
+// time, the KT·KW output positions the current column reaches held in registers. Moving one
+// column on completes the leftmost of each output row's window: it is added into the copy
+// (out[t] + column · Np) and the window slides. Per kept input one broadcast and KT·KW
+// multiply-adds on independent chains, enough to keep the FMA units busy on lists of 2 or 3
+// entries (scatter_position, a list at a time, waits on KW chains and on its outputs' store and
+// reload: 1.4-1.9 times slower on 16 channels at 32x32, density 1/4 to 1/2). Wider registers of
+// outputs (2 a position: 18 accumulators) were slower on 32 and 64 channels.
+template <int KT, int KW>
+void scatter_row(const KeptLists& row, int64_t W, const float* wt, int64_t Np, const int64_t* ty_offset,
+                 float* const* out) {
+  for (int64_t c0 = 0; c0 < Np; c0 += LANES) {
+    __m512 sum[KT][KW];
+    for (int t = 0; t < KT; ++t)
+      for (int s = 0; s < KW; ++s) sum[t][s] = _mm512_setzero_ps();
+    auto flush = [&](int s, int64_t column) {
+      for (int t = 0; t < KT; ++t) {
+        float* o = out[t] + column * Np + c0;
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), sum[t][s]));
+      }
+    };
+    for (int64_t ix = 0; ix < W; ++ix) {
+      const float* value = row.value.data() + row.first[ix];
+      const int32_t* offset = row.offset.data() + row.first[ix];
+      for (int64_t j = 0, n = row.length[ix]; j < n; ++j) {
+        const __m512 v = _mm512_set1_ps(value[j]);
+        const float* w = wt + c0 + offset[j];
+        for (int t = 0; t < KT; ++t)
+          for (int s = 0; s < KW; ++s)  // slot s: tap KW - 1 - s of the kernel row
+            sum[t][s] = _mm512_fmadd_ps(v, _mm512_loadu_ps(w + ty_offset[t] + (KW - 1 - s) * Np), sum[t][s]);
+      }
+      flush(0, ix);
+      for (int t = 0; t < KT; ++t) {
+        for (int s = 0; s + 1 < KW; ++s) sum[t][s] = sum[t][s + 1];
+        sum[t][KW - 1] = _mm512_setzero_ps();
+      }
+    }
+    for (int s = 0; s + 1 < KW; ++s) flush(s, W + s);
+  }
+}
+
+// scatter_row for `rows` (1 to 3) kernel rows and kernels `kw` (1 to 3) wide.
+void scatter_row_taps(int64_t rows, int64_t kw, const KeptLists& row, int64_t W, const float* wt, int64_t Np,
+                      const int64_t* ty_offset, float* const* out) {
+  using Fn = void (*)(const KeptLists&, int64_t, const float*, int64_t, const int64_t*, float* const*);
+  static constexpr Fn table[3][3] = {
+      {scatter_row<1, 1>, scatter_row<1, 2>, scatter_row<1, 3>},
+      {scatter_row<2, 1>, scatter_row<2, 2>, scatter_row<2, 3>},
+      {scatter_row<3, 1>, scatter_row<3, 2>, scatter_row<3, 3>},
+  };
+  table[rows - 1][kw - 1](row, W, wt, Np, ty_offset, out);
+}
+
 // The lanes of channels [c0, c0 + 16) that exist among C.
 inline __mmask16 channel_lanes(int64_t C, int64_t c0) {
   return C - c0 >= LANES ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c0)) - 1u);
@@ -1232,26 +1287,47 @@ inline __m512i order_keys(__m512 f) {
   return _mm512_mask_mov_epi32(key, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(-1));
 }
 
-// The k-th largest of key[0:n] (0 < k < n), first bracketed from a sample: the sample's ranks
-// around k's (a margin of 4 standard deviations of a sampled rank, and 8) give two keys between
-// which the k-th lies, checked by one vectorised counting pass; the keys between them (a few
-// percent) are then compressed out and the k-th found among them. Where the bracket misses (a
-// sample far off), the radix select of all keys (kth_largest_key). About 5 times faster than that
-// on 16384 activations, whose histogram pass costs a scalar increment a key.
-uint32_t kth_largest_key_sampled(const uint32_t* key, int64_t n, int64_t k) {
-  constexpr int64_t SAMPLE = 1024;
-  if (n < 8 * SAMPLE) return kth_largest_key(key, n, k);
+// The k-th largest of key[0:n] (0 < k < n) and how many keys are above it and equal to it.
+struct Kth {
+  uint32_t key;
+  int64_t above, equal;
+};
+
+// Kth of key[0:n] with every key counted: a radix select (kth_largest_key), then a counting pass.
+Kth kth_counted(const uint32_t* key, int64_t n, int64_t k) {
+  Kth kth{kth_largest_key(key, n, k), 0, 0};
+  int64_t above = 0, equal = 0;
+#pragma omp simd reduction(+ : above, equal)
+  for (int64_t i = 0; i < n; ++i) {
+    above += key[i] > kth.key;
+    equal += key[i] == kth.key;
+  }
+  kth.above = above, kth.equal = equal;
+  return kth;
+}
+
+// Kth of key[0:n], first bracketed from a sample of n/8 keys (at most 1024; spread over the
+// offsets within each stride, so that a channels-last map's sample holds every channel, not the
+// first of each position only): the sample's ranks around k's (a margin of 4 standard
+// deviations of a sampled rank, and 8) give two keys between which the k-th lies, checked by one
+// vectorised counting pass; the keys between them (a few percent) are then compressed out and the
+// k-th found among them, its radix select starting below the bits the two keys share. Where the
+// bracket misses (a sample far off), kth_counted of all keys. About 5 times faster than that on
+// 16384 activations, whose histogram pass costs a scalar increment a key; on 4096, 2 times.
+Kth kth_largest_sampled(const uint32_t* key, int64_t n, int64_t k) {
+  const int64_t samples = std::min<int64_t>(1024, n / 8);
+  if (samples < 256) return kth_counted(key, n, k);
   thread_local std::vector<uint32_t> sample, between;
-  const int64_t step = n / SAMPLE;
-  sample.resize(static_cast<size_t>(SAMPLE));
-  for (int64_t i = 0; i < SAMPLE; ++i) sample[i] = key[i * step];
+  const int64_t step = n / samples;
+  sample.resize(static_cast<size_t>(samples));
+  for (int64_t i = 0, at = 0; i < samples; ++i, at = at + 1 == step ? 0 : at + 1) sample[i] = key[i * step + at];
   const double share = static_cast<double>(k) / static_cast<double>(n);
-  const double rank = share * SAMPLE, margin = 4.0 * std::sqrt(SAMPLE * share * (1.0 - share)) + 8.0;
+  const double rank = share * samples, margin = 4.0 * std::sqrt(samples * share * (1.0 - share)) + 8.0;
   const int64_t upper_rank = static_cast<int64_t>(rank - margin), lower_rank = static_cast<int64_t>(rank + margin);
   // the bracket: keys in [lower, upper] (each a radix select of the sample: vectorised passes,
   // where std::nth_element mispredicts a branch on every other comparison)
-  const uint32_t upper = upper_rank >= 0 ? kth_largest_key(sample.data(), SAMPLE, upper_rank + 1) : ~0u;
-  const uint32_t lower = lower_rank < SAMPLE ? kth_largest_key(sample.data(), SAMPLE, lower_rank + 1) : 0u;
+  const uint32_t upper = upper_rank >= 0 ? kth_largest_key(sample.data(), samples, upper_rank + 1) : ~0u;
+  const uint32_t lower = lower_rank < samples ? kth_largest_key(sample.data(), samples, lower_rank + 1) : 0u;
   int64_t above = 0, at_least = 0;  // keys > upper, keys >= lower
   const __m512i hi = _mm512_set1_epi32(static_cast<int32_t>(upper)), lo = _mm512_set1_epi32(static_cast<int32_t>(lower));
   int64_t i = 0;
@@ -1261,7 +1337,7 @@ uint32_t kth_largest_key_sampled(const uint32_t* key, int64_t n, int64_t k) {
     at_least += _mm_popcnt_u32(_mm512_cmpge_epu32_mask(kv, lo));
   }
   for (; i < n; ++i) above += key[i] > upper, at_least += key[i] >= lower;
-  if (!(above < k && k <= at_least)) return kth_largest_key(key, n, k);
+  if (!(above < k && k <= at_least)) return kth_counted(key, n, k);
   between.resize(static_cast<size_t>(at_least - above + LANES));
   int64_t m = 0;
   for (i = 0; i + LANES <= n; i += LANES) {
@@ -1272,7 +1348,20 @@ uint32_t kth_largest_key_sampled(const uint32_t* key, int64_t n, int64_t k) {
   }
   for (; i < n; ++i)
     if (key[i] >= lower && key[i] <= upper) between[m++] = key[i];
-  return kth_largest_key(between.data(), m, k - above);  // the (k - above)-th largest in the bracket
+  // the (k - above)-th largest in the bracket: every key there has the bits above the highest
+  // one in which lower and upper differ
+  const int differ = lower == upper ? -1 : 31 - __builtin_clz(lower ^ upper);
+  const uint32_t shared = differ < 0 ? lower : lower & ~((uint32_t{2} << differ) - 1u);
+  Kth kth{differ < 0 ? lower : refine_threshold(between.data(), m, k - above, shared, differ), above, 0};
+  const uint32_t* b = between.data();
+  int64_t more = 0, equal = 0;
+#pragma omp simd reduction(+ : more, equal)
+  for (int64_t j = 0; j < m; ++j) {
+    more += b[j] > kth.key;
+    equal += b[j] == kth.key;
+  }
+  kth.above += more, kth.equal = equal;
+  return kth;
 }
 
 // The AMU's element top-k of a channels-last sample (channels contiguous, position (iy, ix) at
@@ -1311,14 +1400,10 @@ void element_topk_channels_last(const float* xs, int64_t C, int64_t H, int64_t W
     return;
   }
   // where no more than k scores are above zero (ReLU maps at high densities), the k-th is zero
-  top.threshold = nonzero <= k ? ZERO : kth_largest_key_sampled(key, n, k);
-  int64_t above = 0, equal = 0;
-#pragma omp simd reduction(+ : above, equal)
-  for (int64_t i = 0; i < n; ++i) {
-    above += key[i] > top.threshold;
-    equal += key[i] == top.threshold;
-  }
-  if (above + equal == k) return;  // every tie kept
+  const Kth kth = nonzero <= k ? Kth{ZERO, nonzero, n - nonzero} : kth_largest_sampled(key, n, k);
+  top.threshold = kth.key;
+  const int64_t above = kth.above;
+  if (above + kth.equal == k) return;  // every tie kept
   // the first k - above ties in (c, iy, ix) order: whole channels, then part of one
   thread_local std::vector<int32_t> ties_of;
   ties_of.assign(static_cast<size_t>(C + LANES), 0);
@@ -1438,6 +1523,8 @@ std::tuple<at::Tensor, at::Tensor, int64_t> element_conv(
     most_taps = std::max(most_taps, n);
   }
   const bool scatter = SCATTER && most_taps <= 3;
+  // and takes a whole input row at a time where a kernel row's taps meet every input column
+  const bool by_rows = scatter && sw == 1 && dw == 1 && kw <= 3;
   // the scatter form reads x and the mask channels-last (a channel size of 1 is either)
   auto readable = [&](const at::Tensor& t) { return !scatter || C == 1 || t.stride(1) == 1; };
   const at::Tensor x = readable(x_in) ? x_in : x_in.contiguous(at::MemoryFormat::ChannelsLast);
@@ -1521,16 +1608,24 @@ std::tuple<at::Tensor, at::Tensor, int64_t> element_conv(
           part += cover_y[iy] * list_row_channels_last(xs, iy, C, W, s2, s3, mp + s * m0, m2, m3, top, keep_out, taps,
                                                        Np, cover_x, row.value.data(), row.offset.data(),
                                                        row.first.data(), row.length.data());
+          int64_t rows = 0, ty_offset[3];
+          float* out[3];
           for (int64_t ty = 0; ty < kh; ++ty) {
             const int64_t at = iy + ph - ty * dh;
             if (((at % sh) + sh) % sh != 0) continue;
             const float* wrow = wt + ty * kw * Np;
             float* arow = acc + (floor_div(at, sh) + HY) * GX * Np;
+            if (by_rows && rows < 3) {
+              ty_offset[rows] = ty * kw * Np;
+              out[rows++] = arow + (pw + HX - (kw - 1)) * Np;  // the output column input column 0 reaches first
+              continue;
+            }
             for (int64_t ix = 0; ix < W; ++ix)
               if (const int64_t n = row.length[ix]; n > 0 && col_taps[ix] > 0)
                 scatter_list(col_taps[ix], row.value.data() + row.first[ix], row.offset.data() + row.first[ix], n,
                              wrow, Np, col_tap.data() + 3 * ix, arow, col_reach.data() + 3 * ix);
           }
+          if (rows > 0) scatter_row_taps(rows, kw, row, W, wt, Np, ty_offset, out);
 #endif
         }
       }
