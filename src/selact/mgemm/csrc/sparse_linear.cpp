@@ -1635,18 +1635,29 @@ std::tuple<at::Tensor, at::Tensor, int64_t> element_conv(
     at::parallel_for(0, Ho, std::max<int64_t>(1, MIN_WORK / std::max<int64_t>(1, Wo * n_out)), [&](int64_t o0, int64_t o1) {
       for (int64_t oy = o0; oy < o1; ++oy) {
         float* __restrict out = yp + (s * Ho + oy) * Wo * n_out;
-        for (int64_t ox = 0; ox < Wo; ++ox)
-          for (int64_t o = 0; o < n_out; ++o) out[ox * n_out + o] = b ? b[o] : 0.0f;
         const int64_t gy = oy + HY;
+        bool written = false;  // the first copy that reaches the row is added to the bias
         for (int64_t t = 0; t < bands; ++t) {
           const auto [a, z] = rows_of(t);
           if (z == a || gy < lowest(a) || gy > highest(z)) continue;
           const float* __restrict in = copy0 + t * plane + (gy * GX + HX) * Np;
           for (int64_t ox = 0; ox < Wo; ++ox) {
+            float* __restrict o_row = out + ox * n_out;
+            const float* __restrict i_row = in + ox * Np;
+            if (written) {
 #pragma omp simd
-            for (int64_t o = 0; o < n_out; ++o) out[ox * n_out + o] += in[ox * Np + o];
+              for (int64_t o = 0; o < n_out; ++o) o_row[o] += i_row[o];
+            } else if (b) {
+#pragma omp simd
+              for (int64_t o = 0; o < n_out; ++o) o_row[o] = b[o] + i_row[o];
+            } else {
+              std::memcpy(o_row, i_row, static_cast<size_t>(n_out) * sizeof(float));
+            }
           }
+          written = true;
         }
+        for (int64_t ox = 0; ox < Wo && !written; ++ox)  // a row no input reaches (padding only)
+          for (int64_t o = 0; o < n_out; ++o) out[ox * n_out + o] = b ? b[o] : 0.0f;
       }
     });
     return reach.load();
