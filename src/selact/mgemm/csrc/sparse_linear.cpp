@@ -1222,45 +1222,67 @@ void scatter_list(int64_t taps, const float* value, const int32_t* offset, int64
 
 // Row form of the scatter, for kernels at horizontal stride and dilation 1 (each input column
 // meets all KW ≤ 3 taps of a kernel row, its outputs KW consecutive columns): one pass along an
-// input row's lists for the KT ≤ 3 kernel rows that reach outputs from it, 16 output channels at a
-// time, the KT·KW output positions the current column reaches held in registers. Moving one
-// column on completes the leftmost of each output row's window: it is added into the copy
-// (out[t] + column · Np) and the window slides. Per kept input one broadcast and KT·KW
+// input row's lists for KT ≤ 3 kernel rows that reach outputs from it and the 16·NV output
+// channels from c0, the KT·KW output positions the current column reaches held in registers.
+// Moving one column on completes the leftmost of each output row's window: it is added into the
+// copy (out[t] + column · Np) and the window slides. Per kept input one broadcast and KT·KW·NV
 // multiply-adds on independent chains, enough to keep the FMA units busy on lists of 2 or 3
-// entries (scatter_position, a list at a time, waits on KW chains and on its outputs' store and
-// reload: 1.4-1.9 times slower on 16 channels at 32x32, density 1/4 to 1/2). Wider registers of
-// outputs (2 a position: 18 accumulators) were slower on 32 and 64 channels.
-template <int KT, int KW>
-void scatter_row(const KeptLists& row, int64_t W, const float* wt, int64_t Np, const int64_t* ty_offset,
+// entries, where scatter_position (a list at a time) waits on its KW chains and on its outputs'
+// store and reload.
+template <int KT, int KW, int NV>
+void scatter_row(const KeptLists& row, int64_t W, const float* wt, int64_t Np, int64_t c0, const int64_t* ty_offset,
                  float* const* out) {
-  for (int64_t c0 = 0; c0 < Np; c0 += LANES) {
-    __m512 sum[KT][KW];
+  __m512 sum[KT][KW][NV];
+  for (int t = 0; t < KT; ++t)
+    for (int s = 0; s < KW; ++s)
+      for (int q = 0; q < NV; ++q) sum[t][s][q] = _mm512_setzero_ps();
+  auto flush = [&](int s, int64_t column) {
     for (int t = 0; t < KT; ++t)
-      for (int s = 0; s < KW; ++s) sum[t][s] = _mm512_setzero_ps();
-    auto flush = [&](int s, int64_t column) {
-      for (int t = 0; t < KT; ++t) {
-        float* o = out[t] + column * Np + c0;
-        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), sum[t][s]));
+      for (int q = 0; q < NV; ++q) {
+        float* o = out[t] + column * Np + c0 + 16 * q;
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), sum[t][s][q]));
       }
-    };
-    for (int64_t ix = 0; ix < W; ++ix) {
-      const float* value = row.value.data() + row.first[ix];
-      const int32_t* offset = row.offset.data() + row.first[ix];
-      for (int64_t j = 0, n = row.length[ix]; j < n; ++j) {
-        const __m512 v = _mm512_set1_ps(value[j]);
-        const float* w = wt + c0 + offset[j];
-        for (int t = 0; t < KT; ++t)
-          for (int s = 0; s < KW; ++s)  // slot s: tap KW - 1 - s of the kernel row
-            sum[t][s] = _mm512_fmadd_ps(v, _mm512_loadu_ps(w + ty_offset[t] + (KW - 1 - s) * Np), sum[t][s]);
-      }
-      flush(0, ix);
-      for (int t = 0; t < KT; ++t) {
-        for (int s = 0; s + 1 < KW; ++s) sum[t][s] = sum[t][s + 1];
-        sum[t][KW - 1] = _mm512_setzero_ps();
-      }
+  };
+  for (int64_t ix = 0; ix < W; ++ix) {
+    const float* value = row.value.data() + row.first[ix];
+    const int32_t* offset = row.offset.data() + row.first[ix];
+    for (int64_t j = 0, n = row.length[ix]; j < n; ++j) {
+      const __m512 v = _mm512_set1_ps(value[j]);
+      const float* w = wt + c0 + offset[j];
+      for (int t = 0; t < KT; ++t)
+        for (int s = 0; s < KW; ++s)  // slot s: tap KW - 1 - s of the kernel row
+          for (int q = 0; q < NV; ++q)
+            sum[t][s][q] =
+                _mm512_fmadd_ps(v, _mm512_loadu_ps(w + ty_offset[t] + (KW - 1 - s) * Np + 16 * q), sum[t][s][q]);
     }
-    for (int s = 0; s + 1 < KW; ++s) flush(s, W + s);
+    flush(0, ix);
+    for (int t = 0; t < KT; ++t)
+      for (int q = 0; q < NV; ++q) {
+        for (int s = 0; s + 1 < KW; ++s) sum[t][s][q] = sum[t][s + 1][q];
+        sum[t][KW - 1][q] = _mm512_setzero_ps();
+      }
   }
+  for (int s = 0; s + 1 < KW; ++s) flush(s, W + s);
+}
+
+// scatter_row over all Np output channels. One register of them (16): all KT kernel rows at
+// once, KT·KW chains (16 channels at 32x32, density 1/4 to 1/2: 1.4-1.9 times faster than
+// scatter_position). More: one kernel row at a time, up to 4 registers (64 channels) a pass, so
+// that each kept input's weights for a tap are read as whole contiguous runs (all rows at once, a
+// register a pass, reads 9 scattered lines an input and was up to 3 times slower than
+// scatter_position on 256 to 512 channels; 2 registers of all rows at once were slower too).
+template <int KT, int KW>
+void scatter_row_all(const KeptLists& row, int64_t W, const float* wt, int64_t Np, const int64_t* ty_offset,
+                     float* const* out) {
+  if (Np == LANES) return scatter_row<KT, KW, 1>(row, W, wt, Np, 0, ty_offset, out);
+  for (int t = 0; t < KT; ++t)
+    for (int64_t c0 = 0; c0 < Np; c0 += 4 * LANES) {
+      const int64_t nv = std::min<int64_t>(4, (Np - c0) / LANES);
+      if (nv == 4) scatter_row<1, KW, 4>(row, W, wt, Np, c0, ty_offset + t, out + t);
+      else if (nv == 3) scatter_row<1, KW, 3>(row, W, wt, Np, c0, ty_offset + t, out + t);
+      else if (nv == 2) scatter_row<1, KW, 2>(row, W, wt, Np, c0, ty_offset + t, out + t);
+      else scatter_row<1, KW, 1>(row, W, wt, Np, c0, ty_offset + t, out + t);
+    }
 }
 
 // scatter_row for `rows` (1 to 3) kernel rows and kernels `kw` (1 to 3) wide.
@@ -1268,9 +1290,9 @@ void scatter_row_taps(int64_t rows, int64_t kw, const KeptLists& row, int64_t W,
                       const int64_t* ty_offset, float* const* out) {
   using Fn = void (*)(const KeptLists&, int64_t, const float*, int64_t, const int64_t*, float* const*);
   static constexpr Fn table[3][3] = {
-      {scatter_row<1, 1>, scatter_row<1, 2>, scatter_row<1, 3>},
-      {scatter_row<2, 1>, scatter_row<2, 2>, scatter_row<2, 3>},
-      {scatter_row<3, 1>, scatter_row<3, 2>, scatter_row<3, 3>},
+      {scatter_row_all<1, 1>, scatter_row_all<1, 2>, scatter_row_all<1, 3>},
+      {scatter_row_all<2, 1>, scatter_row_all<2, 2>, scatter_row_all<2, 3>},
+      {scatter_row_all<3, 1>, scatter_row_all<3, 2>, scatter_row_all<3, 3>},
   };
   table[rows - 1][kw - 1](row, W, wt, Np, ty_offset, out);
 }
