@@ -1269,8 +1269,8 @@ void scatter_row(const KeptLists& row, int64_t W, const float* wt, int64_t Np, i
 // once, KT·KW chains (16 channels at 32x32, density 1/4 to 1/2: 1.4-1.9 times faster than
 // scatter_position). More: one kernel row at a time, up to 4 registers (64 channels) a pass, so
 // that each kept input's weights for a tap are read as whole contiguous runs (all rows at once, a
-// register a pass, reads 9 scattered lines an input and was up to 3 times slower than
-// scatter_position on 256 to 512 channels; 2 registers of all rows at once were slower too).
+// register a pass, reads 9 scattered lines an input: 2 times slower than scatter_position on 256
+// channels at 8x8, density 1/2; 2 registers of all rows at once were slower too).
 template <int KT, int KW>
 void scatter_row_all(const KeptLists& row, int64_t W, const float* wt, int64_t Np, const int64_t* ty_offset,
                      float* const* out) {
