@@ -42,6 +42,20 @@ def _us(call, reps: int) -> float:
     return statistics.median(times) * 1e6
 
 
+def _layer_times(layer: SelectiveConv2d, x: torch.Tensor, reps: int) -> dict[str, float]:
+    """The layer's call, its fused kernel alone and dense PyTorch on ``x``, in microseconds."""
+    contiguous = x.contiguous()
+    keep, geometry, kernel = layer._fused_keep, layer._fused_geometry, cpu.KERNELS["element_conv"]
+    weight, bias = layer.weight, layer.bias
+    return {
+        "layer_us": _us(lambda: layer(x), reps),
+        "kernel_us": _us(lambda: kernel(x, None, keep, None, weight, bias, *geometry, False), reps),
+        "dense_us": _us(
+            lambda: F.conv2d(contiguous, weight, bias, layer.stride, layer.padding), reps
+        ),
+    }
+
+
 def layer_rows(model_name: str, densities: dict[str, float], reps: int, seed: int) -> list[dict]:
     torch.manual_seed(seed)
     dense = create_model(model_name, num_classes=10).eval()
@@ -62,22 +76,7 @@ def layer_rows(model_name: str, densities: dict[str, float], reps: int, seed: in
             x = inputs[name]
             if not layer._fused_route(x):
                 continue  # density 1 or a layer the fused route does not serve
-            contiguous = x.contiguous()
-            keep, geometry = layer._fused_keep, layer._fused_geometry
-            kernel = cpu.KERNELS["element_conv"]
-            times = {
-                "layer_us": _us(lambda: layer(x), reps),
-                "kernel_us": _us(
-                    lambda: kernel(x, None, keep, None, layer.weight, layer.bias, *geometry, False),
-                    reps,
-                ),
-                "dense_us": _us(
-                    lambda: F.conv2d(
-                        contiguous, layer.weight, layer.bias, layer.stride, layer.padding
-                    ),
-                    reps,
-                ),
-            }
+            times = _layer_times(layer, x, reps)
             rows.append(
                 {
                     "model": model_name,
