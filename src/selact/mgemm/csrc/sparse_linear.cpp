@@ -1266,7 +1266,7 @@ void scatter_row(const KeptLists& row, int64_t W, const float* wt, int64_t Np, i
 }
 
 // scatter_row over all Np output channels. One register of them (16): all KT kernel rows at
-// once, KT·KW chains (16 channels at 32x32, density 1/4 to 1/2: 1.4-1.9 times faster than
+// once, KT·KW chains (16 channels at 32x32, density 1/4 to 1/2: 1.4-1.75 times faster than
 // scatter_position). More: one kernel row at a time, up to 4 registers (64 channels) a pass, so
 // that each kept input's weights for a tap are read as whole contiguous runs (all rows at once, a
 // register a pass, reads 9 scattered lines an input: 2 times slower than scatter_position on 256
@@ -1335,7 +1335,7 @@ Kth kth_counted(const uint32_t* key, int64_t n, int64_t k) {
 // vectorised counting pass; the keys between them (a few percent) are then compressed out and the
 // k-th found among them, its radix select starting below the bits the two keys share. Where the
 // bracket misses (a sample far off), kth_counted of all keys. About 5 times faster than that on
-// 16384 activations, whose histogram pass costs a scalar increment a key; on 4096, 2 times.
+// 16384 activations, whose histogram pass costs a scalar increment a key.
 Kth kth_largest_sampled(const uint32_t* key, int64_t n, int64_t k) {
   const int64_t samples = std::min<int64_t>(1024, n / 8);
   if (samples < 256) return kth_counted(key, n, k);
@@ -1546,7 +1546,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> element_conv(
   }
   const bool scatter = SCATTER && most_taps <= 3;
   // and takes a whole input row at a time where a kernel row's taps meet every input column
-  const bool by_rows = scatter && sw == 1 && dw == 1 && kw <= 3;
+  [[maybe_unused]] const bool by_rows = scatter && sw == 1 && dw == 1 && kw <= 3;
   // the scatter form reads x and the mask channels-last (a channel size of 1 is either)
   auto readable = [&](const at::Tensor& t) { return !scatter || C == 1 || t.stride(1) == 1; };
   const at::Tensor x = readable(x_in) ? x_in : x_in.contiguous(at::MemoryFormat::ChannelsLast);
