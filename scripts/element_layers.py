@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -25,35 +23,28 @@ import torch.nn.functional as F
 from selact._files import atomic_write_text
 from selact.bench.models import INPUTS, selective_copy
 from selact.bench.report import context
+from selact.bench.timing import median_ms
 from selact.mgemm import cpu
 from selact.models import create_model
 from selact.nn.layers import SelectiveConv2d
 
 
-def _us(call, reps: int) -> float:
-    """Median microseconds of ``reps`` calls, after 20 to warm up."""
-    for _ in range(20):
-        call()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
-
-
 def _layer_times(layer: SelectiveConv2d, x: torch.Tensor, reps: int) -> dict[str, float]:
-    """The layer's call, its fused kernel alone and dense PyTorch on ``x``, in microseconds."""
+    """The layer's call, its fused kernel alone and dense PyTorch on ``x``: median microseconds
+    of interleaved calls (:func:`selact.bench.timing.median_ms`)."""
     contiguous = x.contiguous()
     keep, geometry, kernel = layer._fused_keep, layer._fused_geometry, cpu.KERNELS["element_conv"]
     weight, bias = layer.weight, layer.bias
-    return {
-        "layer_us": _us(lambda: layer(x), reps),
-        "kernel_us": _us(lambda: kernel(x, None, keep, None, weight, bias, *geometry, False), reps),
-        "dense_us": _us(
-            lambda: F.conv2d(contiguous, weight, bias, layer.stride, layer.padding), reps
-        ),
-    }
+    ms = median_ms(
+        {
+            "layer_us": [lambda: layer(x)],
+            "kernel_us": [lambda: kernel(x, None, keep, None, weight, bias, *geometry, False)],
+            "dense_us": [lambda: F.conv2d(contiguous, weight, bias, layer.stride, layer.padding)],
+        },
+        reps,
+        warmup=20,
+    )
+    return {route: 1e3 * value for route, value in ms.items()}
 
 
 def layer_rows(model_name: str, densities: dict[str, float], reps: int, seed: int) -> list[dict]:
