@@ -31,6 +31,14 @@ def _seed_torch():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _wide_cli_output(monkeypatch):
+    """Rich wraps the CLI's error panels at the terminal's width (80 columns under CliRunner): a
+    long temporary path would break across lines and a test looking for a file's name would miss
+    it. A wide terminal keeps each message on one line."""
+    monkeypatch.setenv("COLUMNS", "1000")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
