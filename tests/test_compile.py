@@ -36,9 +36,16 @@ def test_torch_compile_matches_eager():
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         expected = model(x)
+        eager = selact.stats(model).total
+        selact.reset_stats(model)
         compiled = torch.compile(model)
         torch.testing.assert_close(compiled(x), expected)
         torch.testing.assert_close(compiled(torch.randn(1, 3, 8, 8) * 0 + x), expected)
+    # The counters add tensors in the graph (Python ints in eager CPU code): the same counts.
+    counted = selact.stats(model).total
+    assert counted.calls == 2 * eager.calls
+    assert counted.executed_macs == 2 * eager.executed_macs > 0
+    assert counted.zero_skip_macs == 2 * eager.zero_skip_macs
 
 
 @pytest.mark.slow

@@ -208,6 +208,37 @@ def test_conv2d_macs_skip_padding():
     assert int(macs) == 5
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@settings(max_examples=100, deadline=None)
+@given(
+    batch=st.sampled_from([None, 1, 3]),  # None: an unbatched (C, H, W) input
+    groups=st.sampled_from([1, 2]),
+    size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    stride=st.sampled_from([1, 2, 3, (1, 2), (3, 1)]),
+    padding=st.sampled_from([0, 1, 2, (0, 2), "valid", "same"]),
+    dilation=st.sampled_from([1, 2, (2, 1)]),
+    seed=st.integers(0, 2**16),
+)
+def test_conv2d_macs_match_a_ones_kernel_convolution(
+    batch, groups, size, kernel, stride, padding, dilation, seed
+):
+    """The reach-weighted count equals the kept inputs under each output position's receptive
+    field (a convolution with a ones kernel per group) on any geometry torch.nn.Conv2d takes."""
+    stride = 1 if padding == "same" else stride  # torch refuses "same" with strides
+    c_in_g, c_out = 2, 3 * groups
+    shape = (groups * c_in_g, *size) if batch is None else (batch, groups * c_in_g, *size)
+    kept = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < 0.5
+    ones = torch.ones(groups, c_in_g, *kernel)
+    try:
+        windows = F.conv2d(kept.double(), ones.double(), None, stride, padding, dilation, groups)
+    except RuntimeError:
+        return  # no output position
+    expected = int(windows.sum()) * (c_out // groups)
+    weight_shape = (c_out, c_in_g, *kernel)
+    assert int(mgemm.conv2d_macs(kept, weight_shape, stride, padding, dilation, groups)) == expected
+
+
 @pytest.mark.parametrize("backend", _backends("attention_values"))
 @settings(max_examples=30, deadline=None)
 @given(

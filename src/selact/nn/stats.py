@@ -12,18 +12,23 @@ _FIELDS = ("calls", "dense_macs", "zero_skip_macs", "executed_macs", "kept", "in
 
 
 class Counter:
-    """Running sums as 0-dim int64 tensors on the layer's device: adding never syncs."""
+    """Running sums that never force a device sync: Python ints for counts made on the CPU (a CPU
+    tensor's value is at hand; six tensor additions a call cost more than a small layer's
+    kernel), 0-dim int64 tensors on the layer's device for the others and under torch.compile."""
 
     def __init__(self) -> None:
-        self._sums: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, torch.Tensor | int] = {}
 
     def add(self, device: torch.device, **values: torch.Tensor | int) -> None:
+        on_cpu = device.type == "cpu" and not torch.compiler.is_compiling()
         for name in _FIELDS:
             value = values.get(name, 1 if name == "calls" else 0)
-            total = self._sums.get(name)
-            if total is None or total.device != device:
-                base = 0 if total is None else total.to(device)
-                total = torch.zeros((), dtype=torch.int64, device=device) + base
+            total = self._sums.get(name, 0)
+            if on_cpu:
+                self._sums[name] = int(total) + int(value)
+                continue
+            if not isinstance(total, torch.Tensor) or total.device != device:
+                total = torch.as_tensor(total, dtype=torch.int64).to(device)
             with torch.no_grad():
                 self._sums[name] = total + value
 
