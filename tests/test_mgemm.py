@@ -12,7 +12,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from selact import mgemm
@@ -534,14 +534,19 @@ def test_cpu_spatial_conv_matches_brute_force(
     mask_channels_last=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+@example(  # ResNet's downsampling layer (the row form at stride 2), an odd width, 2 registers
+    batch=1, c_in=16, c_out=32, size=(9, 9), kernel=(3, 3), stride=(2, 2), padding=(1, 1),
+    dilation=(1, 1), kind="half", x_channels_last=True, mask_channels_last=True, seed=0,
+)
 def test_cpu_element_conv_matches_brute_force(
     batch, c_in, c_out, size, kernel, stride, padding, dilation, kind, x_channels_last,
     mask_channels_last, seed,
 ):  # fmt: skip
     """The ``cpu`` backend's element-masked convolution (the scatter form at any stride with
-    kernel rows of at most 3 reaching taps, by whole input rows at horizontal stride and dilation
-    1, the gather form otherwise; either memory format of x and the mask) against float64 PyTorch
-    on the masked input, and its MACs against an independent count (unfold)."""
+    kernel rows of at most 3 reaching taps, by whole input rows at horizontal dilation 1 and
+    stride 1, or stride 2 with 3 taps, the gather form otherwise; either memory format of x and
+    the mask) against float64 PyTorch on the masked input, and its MACs against an independent
+    count (unfold)."""
     from selact.mgemm import cpu
 
     if not cpu.available():

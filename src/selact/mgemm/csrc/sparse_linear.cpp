@@ -1220,21 +1220,23 @@ void scatter_list(int64_t taps, const float* value, const int32_t* offset, int64
   else scatter_columns<3>(value, offset, n, wt, Np, tap, acc, reach);
 }
 
-// Row form of the scatter, for kernels at horizontal stride and dilation 1 (each input column
-// meets all KW ≤ 3 taps of a kernel row, its outputs KW consecutive columns): one pass along an
-// input row's lists for KT ≤ 3 kernel rows that reach outputs from it and the 16·NV output
-// channels from c0, the KT·KW output positions the current column reaches held in registers.
-// Moving one column on completes the leftmost of each output row's window: it is added into the
-// copy (out[t] + column · Np) and the window slides. Per kept input one broadcast and KT·KW·NV
-// multiply-adds on independent chains, enough to keep the FMA units busy on lists of 2 or 3
-// entries, where scatter_position (a list at a time) waits on its KW chains and on its outputs'
-// store and reload.
-template <int KT, int KW, int NV>
+// Row form of the scatter, for kernels at horizontal dilation 1 and stride 1 (each input column
+// meets all KW ≤ 3 taps of a kernel row, its outputs KW consecutive columns) or stride 2 with
+// KW = 3 (below): one pass along an input row's lists for KT ≤ 3 kernel rows that reach outputs
+// from it and the 16·NV output channels from c0, the output positions the current column reaches
+// held in registers. Moving on completes the leftmost of each output row's window: it is added
+// into the copy (out[t] + column · Np) and the window slides. Per kept input one broadcast and
+// KT·KW·NV multiply-adds (at stride 2 on average half that) on independent chains, enough to keep
+// the FMA units busy on lists of 2 or 3 entries, where scatter_position (a list at a time) waits
+// on its KW chains and on its outputs' store and reload.
+template <int KT, int KW, int NV, int SW>
 void scatter_row(const KeptLists& row, int64_t W, const float* wt, int64_t Np, int64_t c0, const int64_t* ty_offset,
-                 float* const* out) {
-  __m512 sum[KT][KW][NV];
+                 float* const* out, int64_t parity) {
+  static_assert(SW == 1 || (SW == 2 && KW == 3), "the row form takes stride 1, or stride 2 with 3 taps");
+  constexpr int S = SW == 1 ? KW : 2;  // output columns in the window
+  __m512 sum[KT][S][NV];
   for (int t = 0; t < KT; ++t)
-    for (int s = 0; s < KW; ++s)
+    for (int s = 0; s < S; ++s)
       for (int q = 0; q < NV; ++q) sum[t][s][q] = _mm512_setzero_ps();
   auto flush = [&](int s, int64_t column) {
     for (int t = 0; t < KT; ++t)
@@ -1243,26 +1245,54 @@ void scatter_row(const KeptLists& row, int64_t W, const float* wt, int64_t Np, i
         _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), sum[t][s][q]));
       }
   };
-  for (int64_t ix = 0; ix < W; ++ix) {
+  auto slide = [&] {
+    for (int t = 0; t < KT; ++t)
+      for (int q = 0; q < NV; ++q) {
+        for (int s = 0; s + 1 < S; ++s) sum[t][s][q] = sum[t][s + 1][q];
+        sum[t][S - 1][q] = _mm512_setzero_ps();
+      }
+  };
+  // column ix's inputs times the weights of `count` taps (at taps[i] · Np), into window slots slots[i]
+  auto add = [&](int64_t ix, const int* taps, const int* slots, auto count) {
+    constexpr int N = decltype(count)::value;
     const float* value = row.value.data() + row.first[ix];
     const int32_t* offset = row.offset.data() + row.first[ix];
     for (int64_t j = 0, n = row.length[ix]; j < n; ++j) {
       const __m512 v = _mm512_set1_ps(value[j]);
       const float* w = wt + c0 + offset[j];
       for (int t = 0; t < KT; ++t)
-        for (int s = 0; s < KW; ++s)  // slot s: tap KW - 1 - s of the kernel row
+        for (int i = 0; i < N; ++i)
           for (int q = 0; q < NV; ++q)
-            sum[t][s][q] =
-                _mm512_fmadd_ps(v, _mm512_loadu_ps(w + ty_offset[t] + (KW - 1 - s) * Np + 16 * q), sum[t][s][q]);
+            sum[t][slots[i]][q] =
+                _mm512_fmadd_ps(v, _mm512_loadu_ps(w + ty_offset[t] + taps[i] * Np + 16 * q), sum[t][slots[i]][q]);
     }
-    flush(0, ix);
-    for (int t = 0; t < KT; ++t)
-      for (int q = 0; q < NV; ++q) {
-        for (int s = 0; s + 1 < KW; ++s) sum[t][s][q] = sum[t][s + 1][q];
-        sum[t][KW - 1][q] = _mm512_setzero_ps();
+  };
+  if constexpr (SW == 1) {
+    int taps[KW], slots[KW];  // slot s: tap KW - 1 - s of the kernel row
+    for (int s = 0; s < KW; ++s) taps[s] = KW - 1 - s, slots[s] = s;
+    for (int64_t ix = 0; ix < W; ++ix) {
+      add(ix, taps, slots, std::integral_constant<int, KW>{});
+      flush(0, ix);
+      slide();
+    }
+    for (int s = 0; s + 1 < KW; ++s) flush(s, W + s);
+  } else {
+    // Input column a (ix + pw; parity: pw's) meets tap 1 alone when odd, its output (a - 1) / 2,
+    // and taps 2 and 0 when even, outputs a / 2 - 1 and a / 2; output o is complete after column
+    // 2o + 2. The window holds outputs o and o + 1; out[t]'s column 0 is the first window's o.
+    int64_t column = 0;
+    for (int64_t ix = 0; ix < W; ++ix) {
+      static constexpr int odd_taps[1] = {1}, odd_slots[1] = {0}, even_taps[2] = {2, 0}, even_slots[2] = {0, 1};
+      if ((ix + parity) % 2 == 1) {
+        add(ix, odd_taps, odd_slots, std::integral_constant<int, 1>{});
+        continue;
       }
+      add(ix, even_taps, even_slots, std::integral_constant<int, 2>{});
+      flush(0, column++);
+      slide();
+    }
+    flush(0, column);
   }
-  for (int s = 0; s + 1 < KW; ++s) flush(s, W + s);
 }
 
 // scatter_row over all Np output channels. One register of them (16): all KT kernel rows at
@@ -1271,30 +1301,31 @@ void scatter_row(const KeptLists& row, int64_t W, const float* wt, int64_t Np, i
 // that each kept input's weights for a tap are read as whole contiguous runs (all rows at once, a
 // register a pass, reads 9 scattered lines an input: 2 times slower than scatter_position on 256
 // channels at 8x8, density 1/2; 2 registers of all rows at once were slower too).
-template <int KT, int KW>
+template <int KT, int KW, int SW>
 void scatter_row_all(const KeptLists& row, int64_t W, const float* wt, int64_t Np, const int64_t* ty_offset,
-                     float* const* out) {
-  if (Np == LANES) return scatter_row<KT, KW, 1>(row, W, wt, Np, 0, ty_offset, out);
+                     float* const* out, int64_t parity) {
+  if (Np == LANES) return scatter_row<KT, KW, 1, SW>(row, W, wt, Np, 0, ty_offset, out, parity);
   for (int t = 0; t < KT; ++t)
     for (int64_t c0 = 0; c0 < Np; c0 += 4 * LANES) {
       const int64_t nv = std::min<int64_t>(4, (Np - c0) / LANES);
-      if (nv == 4) scatter_row<1, KW, 4>(row, W, wt, Np, c0, ty_offset + t, out + t);
-      else if (nv == 3) scatter_row<1, KW, 3>(row, W, wt, Np, c0, ty_offset + t, out + t);
-      else if (nv == 2) scatter_row<1, KW, 2>(row, W, wt, Np, c0, ty_offset + t, out + t);
-      else scatter_row<1, KW, 1>(row, W, wt, Np, c0, ty_offset + t, out + t);
+      if (nv == 4) scatter_row<1, KW, 4, SW>(row, W, wt, Np, c0, ty_offset + t, out + t, parity);
+      else if (nv == 3) scatter_row<1, KW, 3, SW>(row, W, wt, Np, c0, ty_offset + t, out + t, parity);
+      else if (nv == 2) scatter_row<1, KW, 2, SW>(row, W, wt, Np, c0, ty_offset + t, out + t, parity);
+      else scatter_row<1, KW, 1, SW>(row, W, wt, Np, c0, ty_offset + t, out + t, parity);
     }
 }
 
-// scatter_row for `rows` (1 to 3) kernel rows and kernels `kw` (1 to 3) wide.
-void scatter_row_taps(int64_t rows, int64_t kw, const KeptLists& row, int64_t W, const float* wt, int64_t Np,
-                      const int64_t* ty_offset, float* const* out) {
-  using Fn = void (*)(const KeptLists&, int64_t, const float*, int64_t, const int64_t*, float* const*);
-  static constexpr Fn table[3][3] = {
-      {scatter_row_all<1, 1>, scatter_row_all<1, 2>, scatter_row_all<1, 3>},
-      {scatter_row_all<2, 1>, scatter_row_all<2, 2>, scatter_row_all<2, 3>},
-      {scatter_row_all<3, 1>, scatter_row_all<3, 2>, scatter_row_all<3, 3>},
+// scatter_row for `rows` (1 to 3) kernel rows: kernels `kw` (1 to 3) wide at stride 1, or 3 wide
+// at stride 2 (`sw`; `parity`: pw's).
+void scatter_row_taps(int64_t rows, int64_t kw, int64_t sw, const KeptLists& row, int64_t W, const float* wt,
+                      int64_t Np, const int64_t* ty_offset, float* const* out, int64_t parity) {
+  using Fn = void (*)(const KeptLists&, int64_t, const float*, int64_t, const int64_t*, float* const*, int64_t);
+  static constexpr Fn table[3][4] = {
+      {scatter_row_all<1, 1, 1>, scatter_row_all<1, 2, 1>, scatter_row_all<1, 3, 1>, scatter_row_all<1, 3, 2>},
+      {scatter_row_all<2, 1, 1>, scatter_row_all<2, 2, 1>, scatter_row_all<2, 3, 1>, scatter_row_all<2, 3, 2>},
+      {scatter_row_all<3, 1, 1>, scatter_row_all<3, 2, 1>, scatter_row_all<3, 3, 1>, scatter_row_all<3, 3, 2>},
   };
-  table[rows - 1][kw - 1](row, W, wt, Np, ty_offset, out);
+  table[rows - 1][sw == 2 ? 3 : kw - 1](row, W, wt, Np, ty_offset, out, parity);
 }
 
 // The lanes of channels [c0, c0 + 16) that exist among C.
@@ -1545,8 +1576,9 @@ std::tuple<at::Tensor, at::Tensor, int64_t> element_conv(
     most_taps = std::max(most_taps, n);
   }
   const bool scatter = SCATTER && most_taps <= 3;
-  // and takes a whole input row at a time where a kernel row's taps meet every input column
-  [[maybe_unused]] const bool by_rows = scatter && sw == 1 && dw == 1 && kw <= 3;
+  // and takes a whole input row at a time where a kernel row's taps meet every input column, or
+  // every other one (3 taps at stride 2)
+  [[maybe_unused]] const bool by_rows = scatter && dw == 1 && ((sw == 1 && kw <= 3) || (sw == 2 && kw == 3));
   // the scatter form reads x and the mask channels-last (a channel size of 1 is either)
   auto readable = [&](const at::Tensor& t) { return !scatter || C == 1 || t.stride(1) == 1; };
   const at::Tensor x = readable(x_in) ? x_in : x_in.contiguous(at::MemoryFormat::ChannelsLast);
@@ -1639,7 +1671,8 @@ std::tuple<at::Tensor, at::Tensor, int64_t> element_conv(
             float* arow = acc + (floor_div(at, sh) + HY) * GX * Np;
             if (by_rows && rows < 3) {
               ty_offset[rows] = ty * kw * Np;
-              out[rows++] = arow + (pw + HX - (kw - 1)) * Np;  // the output column input column 0 reaches first
+              // the copy's column of the first output the row form's window holds
+              out[rows++] = arow + (sw == 1 ? pw + HX - (kw - 1) : floor_div(pw - 1, 2) + HX) * Np;
               continue;
             }
             for (int64_t ix = 0; ix < W; ++ix)
@@ -1647,7 +1680,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> element_conv(
                 scatter_list(col_taps[ix], row.value.data() + row.first[ix], row.offset.data() + row.first[ix], n,
                              wrow, Np, col_tap.data() + 3 * ix, arow, col_reach.data() + 3 * ix);
           }
-          if (rows > 0) scatter_row_taps(rows, kw, row, W, wt, Np, ty_offset, out);
+          if (rows > 0) scatter_row_taps(rows, kw, sw, row, W, wt, Np, ty_offset, out, pw % 2);
 #endif
         }
       }
