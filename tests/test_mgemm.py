@@ -537,7 +537,7 @@ def test_cpu_spatial_conv_matches_brute_force(
 @example(  # ResNet's downsampling layer (the row form at stride 2), an odd width, 2 registers
     batch=1, c_in=16, c_out=32, size=(9, 9), kernel=(3, 3), stride=(2, 2), padding=(1, 1),
     dilation=(1, 1), kind="half", x_channels_last=True, mask_channels_last=True, seed=0,
-)
+)  # fmt: skip
 def test_cpu_element_conv_matches_brute_force(
     batch, c_in, c_out, size, kernel, stride, padding, dilation, kind, x_channels_last,
     mask_channels_last, seed,
