@@ -47,15 +47,18 @@ def test_quick_cli_writes_only_where_asked(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "results").exists()
     args = ["bench", "model", "--quick", "--reps", "3", "--compile", "--strategy", "sapw"]
-    args += ["--out", "runs"]
+    args += ["--counting", "--out", "runs"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     written = sorted(p.suffix for p in (tmp_path / "runs").iterdir())
     assert written == [".json", ".md", ".png"]
     rows = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
     by_route = {r["backend"]: r for r in rows}
-    assert set(by_route) == {"dense", "selective", "dense, compiled", "selective, compiled"}
+    compiled_routes = {"dense, compiled", "selective, compiled"}
+    assert set(by_route) == {"dense", "selective", "selective, counting", *compiled_routes}
     assert by_route["selective"]["strategy"] == "sapw"
+    counted = by_route["selective, counting"]  # the same masks: the same executed MACs
+    assert counted["executed_mac_fraction"] == by_route["selective"]["executed_mac_fraction"] < 1
     compiled = by_route["selective, compiled"]  # against the compiled dense model
     assert compiled["ratio_to_dense"] == pytest.approx(
         compiled["median_ms"] / by_route["dense, compiled"]["median_ms"]

@@ -87,6 +87,14 @@ def model_command(
             help="Also time both models through torch.compile (Inductor, frozen weights).",
         ),
     ] = False,
+    counting: Annotated[
+        bool,
+        typer.Option(
+            "--counting",
+            help="Also time the selective copy with counting and finiteness checks on "
+            "(SelectiveConfig's defaults; route 'selective, counting').",
+        ),
+    ] = False,
     quick: Quick = False,
     reps: Reps = None,
     out: Out = None,
@@ -116,6 +124,7 @@ def model_command(
             conv_granularity=conv_granularity,
             densities=layers,
             compile=compile,
+            counting=counting,
         )  # fmt: skip
     )
     if densities is not None:

@@ -76,9 +76,11 @@ def run(
     densities: dict[str, float] | None = None,
     seed: int = 0,
     compile: bool = False,
+    counting: bool = False,
 ) -> Iterator[dict]:
     """One row per (model, batch, threads, route) with route ``dense`` or ``selective`` (and
-    ``dense, compiled`` and ``selective, compiled`` with ``compile``); the selective rows'
+    ``dense, compiled`` and ``selective, compiled`` with ``compile``; ``selective, counting``,
+    the copy with counting and finiteness checks on, with ``counting``); the selective rows'
     granularity reads the convolutions' ``/`` the Linear layers' one. With per-layer
     ``densities`` the rows' density is the executed MAC fraction, their ideal time that fraction
     of dense."""
@@ -90,7 +92,7 @@ def run(
             "conv_granularity": conv_granularity,
             "densities": densities,
         }
-        yield from _run(names, batches, threads, density, reps, options, seed, compile)
+        yield from _run(names, batches, threads, density, reps, options, seed, compile, counting)
     finally:
         torch.set_num_threads(initial_threads)
 
@@ -104,7 +106,7 @@ def _compiled(model: nn.Module, inputs: list[torch.Tensor]) -> nn.Module:
     return compiled
 
 
-def _run(names, batches, threads, density, reps, options, seed, compile):
+def _run(names, batches, threads, density, reps, options, seed, compile, counting):
     for name in names:
         torch.manual_seed(seed)
         dense = create_model(name, num_classes=10).eval()
@@ -119,6 +121,8 @@ def _run(names, batches, threads, density, reps, options, seed, compile):
             for count in threads:
                 torch.set_num_threads(count)
                 models = {"dense": dense, "selective": selective}
+                if counting:
+                    models["selective, counting"] = counted
                 if compile:  # afresh: Inductor's code is fixed to the thread count
                     torch._dynamo.reset()
                     models["dense, compiled"] = _compiled(dense, inputs)
