@@ -132,6 +132,7 @@ def test_fit_learns_and_writes_checkpoints(tmp_path):
     assert "ema_chosen" in side and all(p.requires_grad for p in result.model.parameters())
     assert side["metrics"]["test"]["top1"] == result.metrics["test"]["top1"]
     assert side["sha256"] == selact.train.file_sha256(tmp_path / "model.safetensors")
+    assert side["commit"] == selact._provenance.commit()  # the code that trained it
     loaded, _ = load_model(_net(), tmp_path / "model.safetensors")
     for a, b in zip(loaded.state_dict().values(), result.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -56,6 +56,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from selact._provenance import commit
 from selact.config import SelectiveConfig
 from selact.nn.base import SelectiveModule
 from selact.train.checkpoint import load_model, load_state, read_sidecar, save_model, save_state
@@ -520,6 +521,7 @@ def fit(
         evaluations_after: how many times the caller evaluates ``final_splits`` once ``fit``
             returns, inside the same time limit: their time is held back too.
     """
+    code = commit()  # the code this process runs, whatever the checkout holds by its end
     rank, world, _ = distributed_context()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if task.device.type == "cuda" else "gloo")
@@ -728,6 +730,7 @@ def fit(
         "epochs": config.epochs,
         "epochs_done": step / max(1, len(loader)),
         "hardware": hardware(device),
+        "commit": code,
         "world_size": world,
         "ema": config.ema > 0,
         **(info or {}),
