@@ -35,7 +35,8 @@ class SelectiveConfig:
         block: block size G for ``granularity="block"``.
         key_density: for selective attention only: keep this fraction of the keys per query
             (largest attention probabilities, renormalised); ``None`` keeps all keys.
-        counting: accumulate MAC and density statistics (costs a little work per call).
+        counting: accumulate MAC and density statistics (a few tensor ops per call: at batch 1
+            on the CPU more than a small layer's kernel; off for latency).
         check_finite: raise if a layer's input holds NaN or inf (forces a device sync).
         backend: MGEMM backend name; ``None`` lets the dispatcher choose.
     """
