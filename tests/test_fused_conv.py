@@ -180,7 +180,8 @@ def test_fused_element_route_keeps_the_amus_top_k_and_multiplies_exactly(
 
 @pytest.mark.parametrize("shape", [(16, 32, 32), (64, 8, 8)])
 @pytest.mark.parametrize(
-    "case", ["random", "dead channels", "sample misleads", "coarse values", "all equal"]
+    "case",
+    ["random", "dead channels", "just above zero", "sample misleads", "coarse values", "all equal"],
 )
 def test_fused_element_top_k_of_large_maps(case, shape):
     """Maps of 2048 inputs or more: the kernel brackets the k-th score from a sample of n/8 (at
@@ -190,8 +191,16 @@ def test_fused_element_top_k_of_large_maps(case, shape):
     torch.manual_seed(0)
     c = shape[0]
     x = torch.randn(2, *shape).relu().contiguous(memory_format=torch.channels_last)
+    k = amu.keep_count(1 / 3, x[0].numel())
     if case == "dead channels":  # fewer nonzero inputs than kept: ties at zero
         x[:, : c * 3 // 4] = 0
+    elif case == "just above zero":  # k + 2 nonzero inputs: the k-th is the third smallest of them
+        flat = x.permute(0, 2, 3, 1).reshape(2, -1)
+        for sample in flat:
+            zeros = torch.randperm(sample.numel())[: sample.numel() - k - 2]
+            sample[:] = torch.rand(sample.numel()) + 1e-3
+            sample[zeros] = 0
+        x = flat.reshape(2, *shape[1:], c).permute(0, 3, 1, 2)
     elif case == "sample misleads":  # the sampled inputs far above the rest
         n = x[0].numel()
         samples = min(1024, n // 8)
@@ -204,7 +213,6 @@ def test_fused_element_top_k_of_large_maps(case, shape):
         x = torch.ones_like(x)
     conv = nn.Conv2d(c, 16, 3, padding=1)
     config = selact.SelectiveConfig(granularity="element", density=1 / 3, check_finite=False)
-    k = amu.keep_count(1 / 3, x[0].numel())
     with torch.inference_mode():
         y, keep, executed = cpu.select_element_conv2d(
             x, conv.weight, conv.bias, (1, 1, 1, 1, 1, 1), keep=k

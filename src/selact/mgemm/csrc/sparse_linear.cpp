@@ -1252,26 +1252,21 @@ void scatter_row(const KeptLists& row, int64_t W, const float* wt, int64_t Np, i
         sum[t][S - 1][q] = _mm512_setzero_ps();
       }
   };
-  // column ix's inputs times the weights of `count` taps (at taps[i] · Np), into window slots slots[i]
-  auto add = [&](int64_t ix, const int* taps, const int* slots, auto count) {
-    constexpr int N = decltype(count)::value;
+  // f(v, w) for each kept input of column ix: its value broadcast, its packed weights from c0
+  auto each_input = [&](int64_t ix, auto f) {
     const float* value = row.value.data() + row.first[ix];
     const int32_t* offset = row.offset.data() + row.first[ix];
-    for (int64_t j = 0, n = row.length[ix]; j < n; ++j) {
-      const __m512 v = _mm512_set1_ps(value[j]);
-      const float* w = wt + c0 + offset[j];
-      for (int t = 0; t < KT; ++t)
-        for (int i = 0; i < N; ++i)
-          for (int q = 0; q < NV; ++q)
-            sum[t][slots[i]][q] =
-                _mm512_fmadd_ps(v, _mm512_loadu_ps(w + ty_offset[t] + taps[i] * Np + 16 * q), sum[t][slots[i]][q]);
-    }
+    for (int64_t j = 0, n = row.length[ix]; j < n; ++j) f(_mm512_set1_ps(value[j]), wt + c0 + offset[j]);
   };
   if constexpr (SW == 1) {
-    int taps[KW], slots[KW];  // slot s: tap KW - 1 - s of the kernel row
-    for (int s = 0; s < KW; ++s) taps[s] = KW - 1 - s, slots[s] = s;
     for (int64_t ix = 0; ix < W; ++ix) {
-      add(ix, taps, slots, std::integral_constant<int, KW>{});
+      each_input(ix, [&](const __m512 v, const float* w) {
+        for (int t = 0; t < KT; ++t)
+          for (int s = 0; s < KW; ++s)  // slot s: tap KW - 1 - s of the kernel row
+            for (int q = 0; q < NV; ++q)
+              sum[t][s][q] =
+                  _mm512_fmadd_ps(v, _mm512_loadu_ps(w + ty_offset[t] + (KW - 1 - s) * Np + 16 * q), sum[t][s][q]);
+      });
       flush(0, ix);
       slide();
     }
@@ -1279,15 +1274,22 @@ void scatter_row(const KeptLists& row, int64_t W, const float* wt, int64_t Np, i
   } else {
     // Input column a (ix + pw; parity: pw's) meets tap 1 alone when odd, its output (a - 1) / 2,
     // and taps 2 and 0 when even, outputs a / 2 - 1 and a / 2; output o is complete after column
-    // 2o + 2. The window holds outputs o and o + 1; out[t]'s column 0 is the first window's o.
+    // 2o + 2. The window holds outputs o (slot 0) and o + 1; out[t]'s column 0 is the first o.
+    auto tap_into = [&](const __m512 v, const float* w, int tap, int slot) {
+      for (int t = 0; t < KT; ++t)
+        for (int q = 0; q < NV; ++q)
+          sum[t][slot][q] = _mm512_fmadd_ps(v, _mm512_loadu_ps(w + ty_offset[t] + tap * Np + 16 * q), sum[t][slot][q]);
+    };
     int64_t column = 0;
     for (int64_t ix = 0; ix < W; ++ix) {
-      static constexpr int odd_taps[1] = {1}, odd_slots[1] = {0}, even_taps[2] = {2, 0}, even_slots[2] = {0, 1};
       if ((ix + parity) % 2 == 1) {
-        add(ix, odd_taps, odd_slots, std::integral_constant<int, 1>{});
+        each_input(ix, [&](const __m512 v, const float* w) { tap_into(v, w, 1, 0); });
         continue;
       }
-      add(ix, even_taps, even_slots, std::integral_constant<int, 2>{});
+      each_input(ix, [&](const __m512 v, const float* w) {
+        tap_into(v, w, 2, 0);
+        tap_into(v, w, 0, 1);
+      });
       flush(0, column++);
       slide();
     }
@@ -1366,8 +1368,11 @@ Kth kth_counted(const uint32_t* key, int64_t n, int64_t k) {
 // vectorised counting pass; the keys between them (a few percent) are then compressed out and the
 // k-th found among them, its radix select starting below the bits the two keys share. Where the
 // bracket misses (a sample far off), kth_counted of all keys. About 5 times faster than that on
-// 16384 activations, whose histogram pass costs a scalar increment a key.
-Kth kth_largest_sampled(const uint32_t* key, int64_t n, int64_t k) {
+// 16384 activations, whose histogram pass costs a scalar increment a key. `floor`: a key the k-th
+// is known not to be below (at least k keys reach it): the bracket starts there at the lowest,
+// so that a ReLU map whose nonzero inputs only just outnumber k does not bring its thousands of
+// zeros into the bracket (the sample's lower key is zero there).
+Kth kth_largest_sampled(const uint32_t* key, int64_t n, int64_t k, uint32_t floor) {
   const int64_t samples = std::min<int64_t>(1024, n / 8);
   if (samples < 256) return kth_counted(key, n, k);
   thread_local std::vector<uint32_t> sample, between;
@@ -1380,7 +1385,8 @@ Kth kth_largest_sampled(const uint32_t* key, int64_t n, int64_t k) {
   // the bracket: keys in [lower, upper] (each a radix select of the sample: vectorised passes,
   // where std::nth_element mispredicts a branch on every other comparison)
   const uint32_t upper = upper_rank >= 0 ? kth_largest_key(sample.data(), samples, upper_rank + 1) : ~0u;
-  const uint32_t lower = lower_rank < samples ? kth_largest_key(sample.data(), samples, lower_rank + 1) : 0u;
+  const uint32_t lower =
+      std::max(floor, lower_rank < samples ? kth_largest_key(sample.data(), samples, lower_rank + 1) : 0u);
   int64_t above = 0, at_least = 0;  // keys > upper, keys >= lower
   const __m512i hi = _mm512_set1_epi32(static_cast<int32_t>(upper)), lo = _mm512_set1_epi32(static_cast<int32_t>(lower));
   int64_t i = 0;
@@ -1452,8 +1458,9 @@ void element_topk_channels_last(const float* xs, int64_t C, int64_t H, int64_t W
     top.threshold = 0;
     return;
   }
-  // where no more than k scores are above zero (ReLU maps at high densities), the k-th is zero
-  const Kth kth = nonzero <= k ? Kth{ZERO, nonzero, n - nonzero} : kth_largest_sampled(key, n, k);
+  // where no more than k scores are above zero (ReLU maps at high densities), the k-th is zero;
+  // else it is above zero
+  const Kth kth = nonzero <= k ? Kth{ZERO, nonzero, n - nonzero} : kth_largest_sampled(key, n, k, ZERO + 1);
   top.threshold = kth.key;
   const int64_t above = kth.above;
   if (above + kth.equal == k) return;  // every tie kept
