@@ -9,6 +9,7 @@ import functools
 import math
 
 import torch
+from torch.nn.modules.utils import _pair
 
 
 def linear_macs(
@@ -73,10 +74,6 @@ def _reach_1d(size: int, kernel: int, stride: int, padding: tuple[int, int], dil
             if 0 <= i < size:
                 reach[i] += 1
     return reach
-
-
-def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def _padding(padding, kernel, dilation) -> tuple[tuple[int, int], tuple[int, int]]:
