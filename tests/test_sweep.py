@@ -58,6 +58,7 @@ def sweep_rows(tmp_path_factory):
             "sweep", "--task", "cifar10", "--model", "small_cnn", "--smoke", "--device", "cpu",
             "--data", str(SHARED_DATA), "--out", str(out), "--run-dir", str(out.parent / "run"),
             "--max-finetunes", "2", "--png", str(out.parent / "plot.png"),
+            "--finetune-task-arg", "cutout=4",  # the recipe's dense training: cutout 8
         ]  # fmt: skip
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
@@ -89,6 +90,11 @@ def test_rows(sweep_rows):
     for row in rows:
         assert fields <= set(row), fields - set(row)
         assert row["scale"] == "smoke" and 0.0 <= row["top1"] <= 1.0
+        assert row["task_args"]["cutout"] == (4 if row["finetune_epochs"] else 8)
+    # fine-tuning ran with its own settings (its checkpoint's record), measured as every row is
+    tuned = next(r for r in rows if r["finetune_epochs"])
+    record = Path(tuned["dense_checkpoint"]).parent.parent / "ft-dense-s0" / "model.json"
+    assert json.loads(record.read_text())["data"]["cutout"] == 4
     assert (out.parent / "plot.png").stat().st_size > 10_000
 
 
@@ -219,6 +225,21 @@ def test_finetune_reuses_searched_densities(sweep_rows, tmp_path, monkeypatch):
     assert result.exit_code != 0 and "one of --densities" in result.output
 
 
+@pytest.mark.slow
+@needs_data
+def test_finetune_command_builds_the_finetuning_task(sweep_rows, monkeypatch):
+    """``selact finetune`` trains on the recipe's fine-tuning settings, --task-arg over them."""
+    from selact.cli_train import _build
+
+    monkeypatch.setenv("SELACT_CACHE", str(sweep_rows[2]))
+    _, dense = _build("cifar10", "vit", str(SHARED_DATA), "cpu", "smoke", None)
+    _, tuned = _build("cifar10", "vit", str(SHARED_DATA), "cpu", "smoke", ["cutout=2"], True)
+    dense, tuned = dense.describe(), tuned.describe()
+    assert dense["auto_augment"] == "trivialaugment" and dense["mixup_alpha"] == 0.8
+    assert "auto_augment" not in tuned and "mixup_alpha" not in tuned  # off
+    assert tuned["cutout"] == 2 and tuned["label_smoothing"] == dense["label_smoothing"]
+
+
 def test_frontier_needs_three_seeds_and_names_lower_candidates():
     def row(strategy, target, seed, val, epochs=10):
         return {"model": "m", "strategy": strategy, "granularity": "element",
@@ -313,9 +334,35 @@ def test_task_args_override_the_recipe_and_reach_the_shards(tmp_path):
                        tmp_path / "s", "1/2", None)  # fmt: skip
     pairs = [args[i + 1] for i, a in enumerate(args) if a == "--task-arg"]
     assert pairs == ['auto_augment="randaugment"', "cutout=0"]
+    assert "--finetune-task-arg" not in args
     result = CliRunner().invoke(app, ["sweep", "--smoke", "--task-arg", "colour=1",
                                       "--out", str(tmp_path / "rows.json")])  # fmt: skip
     assert result.exit_code == 1 and "no setting colour" in result.output
+
+
+def test_finetuning_has_its_own_task_settings(tmp_path):
+    # The ViT fine-tunes with crop and flip only; the CNNs as they were trained.
+    vit, vgg = recipe("vit"), recipe("vgg16", "cpu")
+    assert vit.task_args["mixup_alpha"] > 0 and vit.task_args["auto_augment"] == "trivialaugment"
+    ft = vit.finetune_settings()
+    assert ft["mixup_alpha"] == ft["cutmix_alpha"] == 0 and ft["auto_augment"] is None
+    assert ft["label_smoothing"] == vit.task_args["label_smoothing"]
+    assert vgg.finetune_settings() == vgg.task_args
+    # --task-arg reaches both (over the recipe's fine-tuning settings too),
+    # --finetune-task-arg fine-tuning alone, over everything.
+    config = SweepConfig(model="vit", task_args={"mixup_alpha": 0.2, "cutout": 4},
+                         finetune_task_args={"cutout": 2})  # fmt: skip
+    rec = sweep_recipe(config)
+    assert rec.task_args["mixup_alpha"] == 0.2 and rec.task_args["cutout"] == 4
+    ft = rec.finetune_settings()
+    assert ft["mixup_alpha"] == 0.2 and ft["cutout"] == 2 and ft["auto_augment"] is None
+    args = _child_args(config, "c", tmp_path / "d", tmp_path / "o", tmp_path / "r",
+                       tmp_path / "s", "1/2", None)  # fmt: skip
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--finetune-task-arg"] == ["cutout=2"]
+    assert (
+        sweep_recipe(SweepConfig(model="vit")).finetune_settings()
+        == recipe("vit").finetune_settings()
+    )
 
 
 @pytest.mark.parametrize("scale", ["full", "smoke"])
@@ -454,11 +501,16 @@ def test_done_rows_skip_their_jobs(sweep_rows, tmp_path):
     assert left == [] and len(_jobs(rec, SweepConfig(scale="smoke", max_finetunes=2), None)) > 0
     assert done_jobs(rows, "another checkpoint", rec.finetune.epochs) == set()
     assert not any(isinstance(j, Finetune) for j in done_jobs(rows, dense["checkpoint_sha256"], 99))
+    # the fixture fine-tuned with cutout 4: a sweep with the recipe's 8 would fine-tune again
+    other = done_jobs(
+        rows, dense["checkpoint_sha256"], rec.finetune.epochs, rec.finetune_settings()
+    )
+    assert not any(isinstance(j, Finetune) for j in other) and "dense" in other
     again = tmp_path / "again.json"
     config = SweepConfig(
         model="small_cnn", scale="smoke", device="cpu", data=str(SHARED_DATA), out=str(again),
         run_dir=str(out.parent / "run"), dense_checkpoint=dense["dense_checkpoint"],
-        done_rows=str(out), max_finetunes=2,
+        done_rows=str(out), max_finetunes=2, finetune_task_args={"cutout": 4},
     )  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SELACT_CACHE", str(cache))

@@ -82,8 +82,11 @@ def _task_args(pairs: list[str] | None, base: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _build(task: str, model: str, data, device, scale, task_arg):
+def _build(task: str, model: str, data, device, scale, task_arg, finetuning: bool = False):
+    """The recipe and the task, with the recipe's settings (fine-tuning's where ``finetuning``)
+    and ``--task-arg`` over them."""
     rec = recipe(model, scale)
+    settings = rec.finetune_settings() if finetuning else rec.task_args
     options = TaskOptions(
         data=data,
         device=device,
@@ -92,7 +95,7 @@ def _build(task: str, model: str, data, device, scale, task_arg):
         channels_last=device.startswith("cuda"),
     )
     try:
-        built = create_task(task, options, **_task_args(task_arg, rec.task_args))
+        built = create_task(task, options, **_task_args(task_arg, settings))
     except (FileNotFoundError, ValueError, KeyError) as err:
         Console(stderr=True).print(f"[red]error:[/red] {err}")
         raise typer.Exit(1) from err
@@ -244,7 +247,7 @@ def finetune(
         raise typer.BadParameter("give one of --densities, --density and --target")
     fields: dict[str, Any] = _read_densities(densities) if densities is not None else {}
     device = _device(device)
-    rec, built = _build(task, model, data, device, scale, task_arg)
+    rec, built = _build(task, model, data, device, scale, task_arg, finetuning=True)
     dense, _ = load_model(create_model(model, **built.model_kwargs()), from_)
     dense.to(device).eval()
     if strategy == "dense":
@@ -366,6 +369,13 @@ def sweep(
         ),
     ] = None,
     task_arg: TaskArg = None,
+    finetune_task_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Task setting KEY=VALUE for fine-tuning only, over --task-arg and the recipe's "
+            "(the ViT's: no MixUp, CutMix or TrivialAugment); repeatable."
+        ),
+    ] = None,
     out: Annotated[
         str | None,
         typer.Option(help="Rows JSON (default results/<task>/<model>.json; smoke: runs/)."),
@@ -449,6 +459,7 @@ def sweep(
         finetune_epochs=finetune_epochs,
         frontier=frontier,
         task_args=_task_args(task_arg, {}),
+        finetune_task_args=_task_args(finetune_task_arg, {}),
     )
     try:
         rows = run_sweep(config)

@@ -1,7 +1,7 @@
 """Training recipes and sweep plans per model, at each scale.
 
 A :class:`Recipe` holds the dense training and fine-tuning configs of one model, the task's own
-settings (label smoothing, cutout) and the sweep's plan: the executed/dense MAC targets, the
+settings (label smoothing, cutout; fine-tuning may change some) and the sweep's plan: the executed/dense MAC targets, the
 frontier target of the issue's goal, and the strategy fine-tuned first. Scales:
 
 - ``full``: the GPU recipes (bf16, batch 512). Dense epochs are a maximum: with a time limit the
@@ -30,7 +30,7 @@ class Recipe:
     model: str
     dense: TrainConfig
     finetune: TrainConfig
-    task_args: dict[str, Any]
+    task_args: dict[str, Any]  # the task's settings (augmentation, label smoothing)
     targets: tuple[float, ...]  # executed/dense MAC fractions evaluated without fine-tuning
     frontier: float  # the issue's goal: within 0.3 pt (0.5 for the ViT) of dense at this fraction
     lower: float  # a second, harder fine-tuning target
@@ -46,6 +46,12 @@ class Recipe:
     # (budget_search's refresh; on the H100 ResNet-20, 5 took 3.4x fewer passes than 1 and
     # reached the same or higher val top-1 at each target: docs/results.md)
     search_refresh: int = 5
+    # task settings of fine-tuning over ``task_args`` (the dense training's)
+    finetune_task_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def finetune_settings(self) -> dict[str, Any]:
+        """The task's settings for fine-tuning: ``task_args`` with ``finetune_task_args`` over."""
+        return {**self.task_args, **self.finetune_task_args}
 
     def all_targets(self) -> tuple[float, ...]:
         """The evaluated targets and the fine-tuning ones, highest first."""
@@ -148,6 +154,11 @@ _FULL = {
             "mixup_alpha": 0.8,
             "cutmix_alpha": 1.0,
         },
+        # Fine-tuning with crop and flip only (since 2026-11-28): on run 7's ViT at 1/2 of dense
+        # MACs (SAPW, 8 epochs) val fell 1.05 pt (3 seeds) with MixUp/CutMix and TrivialAugment,
+        # 0.66 with TrivialAugment alone, 0.14-0.22 with neither (CPU seeds, docs/results.md):
+        # the dense model has learnt what they teach, and fine-tuning only has to adapt to masks.
+        finetune_task_args={"auto_augment": None, "mixup_alpha": 0.0, "cutmix_alpha": 0.0},
         targets=(0.75, 0.6, 0.5, 0.4, 0.3),
         frontier=0.5,
         lower=0.4,

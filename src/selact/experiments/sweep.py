@@ -39,8 +39,9 @@ density, or the mean of the per-layer densities), densities (per layer), execute
 zero_skip_mac_fraction (both of dense, on test), executed_over_zero_skip, top1 and top1_flip (test,
 fractions), val_top1, val_top1_flip, val_executed_mac_fraction, calib_executed_mac_fraction (on
 the search's images), finetune_epochs, seed, scale, task_args (the task's settings: the recipe's
-with ``--task-arg`` over them), hardware, command, checkpoint_sha256, commit, date; fine-tuning
-rows add train_seconds and epochs_done.
+with ``--task-arg`` over them; in fine-tuning rows the fine-tuning's, see :func:`sweep_recipe`),
+hardware, command, checkpoint_sha256, commit, date; fine-tuning rows add train_seconds and
+epochs_done.
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ class SweepConfig:
     finetune_epochs: int | None = None  # None: the recipe's
     frontier: float | None = None  # the MAC target fine-tuned with every seed; None: the recipe's
     task_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # over the recipe's
+    # over the recipe's fine-tuning settings and task_args, for fine-tuning only
+    finetune_task_args: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -258,11 +261,19 @@ def _validate(config: SweepConfig) -> tuple[int, int] | None:
 def sweep_recipe(config: SweepConfig) -> Recipe:
     """The model's recipe with the sweep's overrides: the strategy fine-tuned first (the other
     AMU strategy becomes the second), the fine-tuning epochs, the target fine-tuned with every
-    seed and task settings (``task_args``, over the recipe's: dense training and fine-tuning
-    alike)."""
+    seed and task settings: ``task_args`` over the recipe's for dense training and fine-tuning
+    alike (over the recipe's own fine-tuning settings too), ``finetune_task_args`` over those for
+    fine-tuning only."""
     rec = recipe(config.model, config.scale)
-    if config.task_args:
-        rec = dataclasses.replace(rec, task_args={**rec.task_args, **config.task_args})
+    rec = dataclasses.replace(
+        rec,
+        task_args={**rec.task_args, **config.task_args},
+        finetune_task_args={
+            **rec.finetune_task_args,
+            **config.task_args,
+            **config.finetune_task_args,
+        },
+    )
     if config.strategy is not None:
         if config.strategy not in ("sapi", "sapw"):
             raise ValueError(f"strategy must be 'sapi' or 'sapw', got {config.strategy!r}")
@@ -413,6 +424,8 @@ def _child_args(
         *(["--finetune-epochs", str(config.finetune_epochs)] if config.finetune_epochs else []),
         *(["--frontier", repr(config.frontier)] if config.frontier is not None else []),
         *(a for k, v in config.task_args.items() for a in ("--task-arg", f"{k}={json.dumps(v)}")),
+        *(a for k, v in config.finetune_task_args.items()
+          for a in ("--finetune-task-arg", f"{k}={json.dumps(v)}")),
         "--resume" if config.resume else "--no-resume", "--no-progress",
     ]  # fmt: skip
 
@@ -666,6 +679,11 @@ def run_sweep(
         channels_last=device.startswith("cuda"),
     )
     task = create_task(config.task, options, **rec.task_args)
+    # fine-tuning's own task where its settings differ (augmentation: data and loss alike)
+    ft_settings = rec.finetune_settings()
+    ft_task = (
+        task if ft_settings == rec.task_args else create_task(config.task, options, **ft_settings)
+    )
     base = {
         "model": config.model,
         "task": config.task,
@@ -721,7 +739,9 @@ def run_sweep(
         store.clear()  # starting over: no search of an earlier run
     done = set()
     if config.done_rows:
-        done = done_jobs(read_rows(config.done_rows), dense_sha, rec.finetune.epochs, rec.task_args)
+        done = done_jobs(
+            read_rows(config.done_rows), dense_sha, rec.finetune.epochs, rec.finetune_settings()
+        )
         log.info("sweep: %d jobs already in %s", len(done), config.done_rows)
     eval_config = rec.dense.replace(eval_batch_size=1000)
     common = {
@@ -754,8 +774,8 @@ def run_sweep(
         if threads is not None:
             torch.set_num_threads(threads)
         _run_jobs(
-            config, rec, task, dense, dense_config, info, dense_sha, common, eval_config, run_dir,
-            store, clock, add, shard, done,
+            config, rec, task, ft_task, dense, dense_config, info, dense_sha, common, eval_config,
+            run_dir, store, clock, add, shard, done,
         )  # fmt: skip
     except BaseException:
         for child in children:
@@ -811,11 +831,12 @@ def _dense_rows(task, dense, dense_config, info, dense_sha, common, eval_config,
 
 
 def _run_jobs(
-    config, rec, task, dense, dense_config, info, dense_sha, common, eval_config, run_dir, store,
-    clock, add, shard, done,
+    config, rec, task, ft_task, dense, dense_config, info, dense_sha, common, eval_config, run_dir,
+    store, clock, add, shard, done,
 ) -> None:  # fmt: skip
     """2. This process's jobs, in priority order, while time is left; each budget search runs
-    once across the sweep's processes (``store``)."""
+    once across the sweep's processes (``store``). ``ft_task``: the task with fine-tuning's
+    settings (``task`` itself where they are the same)."""
     device = _device(config.device)
     calib = calibration_batches(task, rec)
     targets = rec.all_targets()
@@ -884,7 +905,7 @@ def _run_jobs(
             if not ft_seconds_per_epoch and not dense_epoch:
                 shared = config.shard is not None and config.shard[1] > 1
                 dense_epoch.append(
-                    _dense_epoch_seconds(info, task, dense, rec.finetune, device, shared)
+                    _dense_epoch_seconds(info, ft_task, dense, rec.finetune, device, shared)
                 )
             per_epoch = ft_seconds_per_epoch or 2.5 * dense_epoch[0]
             need = epochs * per_epoch + 10.0
@@ -894,7 +915,7 @@ def _run_jobs(
             finetunes += 1
             with _logged(f"fine-tuning {job}"):
                 row, seconds = _finetune(
-                    job, task, dense, rec, config, run_dir, search, budget_fields, clock
+                    job, task, ft_task, dense, rec, config, run_dir, search, budget_fields, clock
                 )
                 add({**base_ft(common, dense_sha), **row})
                 if job.strategy != "dense" and seconds:
@@ -968,8 +989,9 @@ def _dense_epoch_seconds(
     return estimate
 
 
-def _finetune(job, task, dense, rec, config, run_dir, search, budget_fields, clock):
-    """One fine-tuning run and its row; returns (row, seconds per epoch)."""
+def _finetune(job, task, ft_task, dense, rec, config, run_dir, search, budget_fields, clock):
+    """One fine-tuning run on ``ft_task`` and its row, measured on ``task`` as every row is;
+    returns (row, seconds per epoch)."""
     ft_config = rec.finetune.replace(seed=job.seed)
     if config.time_budget is not None:  # a safety net: the plan only starts runs that fit
         ft_config = ft_config.replace(time_limit=max(1.0, clock.left() - 10.0))
@@ -987,7 +1009,7 @@ def _finetune(job, task, dense, rec, config, run_dir, search, budget_fields, clo
         fields = budget_fields(result)
     torch.manual_seed(job.seed)
     fitted = fit(
-        task,
+        ft_task,
         model,
         ft_config,
         run_dir=run_dir / name,
@@ -1010,6 +1032,7 @@ def _finetune(job, task, dense, rec, config, run_dir, search, budget_fields, clo
         "checkpoint_sha256": fitted.info.get("sha256"),
         "train_seconds": fitted.train_seconds,
         "finetune_config": ft_config.to_dict(),
+        "task_args": rec.finetune_settings(),
         **measured,
     }
     return row, fitted.train_seconds / max(1e-9, epochs_done)
