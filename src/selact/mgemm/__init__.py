@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.nn.modules.utils import _pair
 
 from selact.mgemm import cpu as _cpu  # noqa: F401  (registers the CPU backend)
 from selact.mgemm import gather as _gather  # noqa: F401  (registers the gather backend)
@@ -168,10 +169,6 @@ def conv2d_case(
             (groups,),
         ),
     )
-
-
-def _pair(value) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, tuple | list) else (value, value)
 
 
 def attention_values(probs, v, *, key_mask=None, renormalize=True, count=True, backend=None):

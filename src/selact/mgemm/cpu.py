@@ -43,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.nn.modules.utils import _pair
 
 from selact.mgemm.registry import PLAN_LISTENERS, Backend, Case, register_backend
 
@@ -306,10 +307,6 @@ def _unavailable() -> str | None:
 def _output_size(size, kernel, stride, padding, dilation) -> tuple[int, int]:
     s, p, d = (_pair(v) for v in (stride, padding, dilation))
     return tuple((size[i] + 2 * p[i] - d[i] * (kernel[i] - 1) - 1) // s[i] + 1 for i in range(2))
-
-
-def _pair(value) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, tuple | list) else (value, value)
 
 
 def _check(case: Case) -> str | None:

@@ -16,6 +16,7 @@ import math
 import os
 
 import torch
+from torch.nn.modules.utils import _pair
 
 from selact.mgemm.counting import conv2d_macs, linear_macs
 from selact.mgemm.registry import Backend, Case, register_backend
@@ -78,10 +79,6 @@ def conv2d(
     if not count:
         return y, None
     return y, conv2d_macs((x != 0) & in_mask, weight.shape, stride, padding, dilation, groups)
-
-
-def _pair(value) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, tuple | list) else (value, value)
 
 
 def _check(case: Case) -> str | None:
