@@ -156,7 +156,7 @@ _FULL = {
         },
         # Fine-tuning with crop and flip only (since 2026-11-28): on run 7's ViT at 1/2 of dense
         # MACs (SAPW, 8 epochs) val fell 1.05 pt (3 seeds) with MixUp/CutMix and TrivialAugment,
-        # 0.66 with TrivialAugment alone, 0.14-0.22 with neither (CPU seeds, docs/results.md):
+        # 0.66 with TrivialAugment alone (one seed), 0.27 with neither (3 seeds; docs/results.md):
         # the dense model has learnt what they teach, and fine-tuning only has to adapt to masks.
         finetune_task_args={"auto_augment": None, "mixup_alpha": 0.0, "cutmix_alpha": 0.0},
         targets=(0.75, 0.6, 0.5, 0.4, 0.3),
