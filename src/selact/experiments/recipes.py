@@ -1,8 +1,9 @@
 """Training recipes and sweep plans per model, at each scale.
 
 A :class:`Recipe` holds the dense training and fine-tuning configs of one model, the task's own
-settings (label smoothing, cutout; fine-tuning may change some) and the sweep's plan: the executed/dense MAC targets, the
-frontier target of the issue's goal, and the strategy fine-tuned first. Scales:
+settings (label smoothing, cutout; fine-tuning may change some) and the sweep's plan: the
+executed/dense MAC targets, the frontier target of the issue's goal, and the strategy fine-tuned
+first. Scales:
 
 - ``full``: the GPU recipes (bf16, batch 512). Dense epochs are a maximum: with a time limit the
   schedule is stretched over the time given (see :class:`selact.train.TrainConfig`).
@@ -157,7 +158,7 @@ _FULL = {
         # Fine-tuning with crop and flip only (since 2026-11-28): on run 7's ViT at 1/2 of dense
         # MACs (SAPW, 8 epochs) val fell 1.05 pt (3 seeds) with MixUp/CutMix and TrivialAugment,
         # 0.66 with TrivialAugment alone (one seed), 0.27 with neither (3 seeds; docs/results.md):
-        # the dense model has learnt what they teach, and fine-tuning only has to adapt to masks.
+        # the masked model recovers on the clean images (why augmentation slows it: untested).
         finetune_task_args={"auto_augment": None, "mixup_alpha": 0.0, "cutmix_alpha": 0.0},
         targets=(0.75, 0.6, 0.5, 0.4, 0.3),
         frontier=0.5,
