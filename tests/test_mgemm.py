@@ -6,6 +6,9 @@ from __future__ import annotations
 import gc
 import math
 import os
+import platform
+import shutil
+import subprocess
 import warnings
 import weakref
 
@@ -689,6 +692,33 @@ def test_cpu_packed_weight_is_released_with_its_weight():
     del w
     gc.collect()
     assert packed() is None
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
+@pytest.mark.parametrize(
+    "march", ["skylake-avx512", "haswell", "x86-64"], ids=["avx512", "avx2", "portable"]
+)
+def test_cpu_kernel_source_compiles_for_each_instruction_set(march):
+    """The kernel has an AVX-512, an AVX2 and a portable build, of which a machine runs the one
+    its CPU takes (the tests above check that one's results): each of the others must compile
+    too, checked here with the flags torch's extension builder uses."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    from selact.mgemm import cpu
+
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        pytest.skip("no C++ compiler: the CPU kernels cannot be built here")
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    command = [
+        compiler, "-fsyntax-only", "-std=c++20", "-fopenmp", f"-march={march}",
+        "-DTORCH_EXTENSION_NAME=selact_check", "-DTORCH_API_INCLUDE_EXTENSION_H",
+        *(f"-isystem{path}" for path in includes), str(cpu._SOURCE),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
 
 
 @pytest.mark.parametrize(("n", "k"), [(10, 7), (3072, 768), (1000, 600)])

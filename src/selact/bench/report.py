@@ -16,22 +16,31 @@ from selact._provenance import commit
 
 
 def machine() -> str:
-    """A short name of this machine for file names: the GPU, or the CPU model and core count."""
+    """A short name of this machine for file names: the GPU, or the CPU model, core count and
+    widest vector instructions (the CPU kernels' build depends on them, and CPUs of one model
+    name differ: "AMD EPYC" has been a machine with AVX-512 and one with AVX2 alone)."""
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
     else:
-        name = _cpu_model().replace("(R)", "").replace("(TM)", "") + f" {os.cpu_count()}c"
+        model, flags = _cpu_info()
+        vectors = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else ""
+        name = f"{model.replace('(R)', '').replace('(TM)', '')} {os.cpu_count()}c {vectors}"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _cpu_model() -> str:
+def _cpu_info() -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags (empty where /proc/cpuinfo is not)."""
+    model, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return model or platform.processor() or platform.machine(), flags
 
 
 def context() -> dict:

@@ -1,8 +1,9 @@
 """The ``cpu`` backend: masked linear layers and convolutions that read only what the mask keeps.
 
-Compiled kernels (csrc/sparse_linear.cpp, AVX-512 where the CPU has it) read the weights from a
-copy they pack once per layer (and again when the weight changes; :func:`packed_weight`): one
-contiguous row per input, so a dropped input costs no memory traffic at all. float32, inference:
+Compiled kernels (csrc/sparse_linear.cpp, built for the CPU at hand: AVX-512 or AVX2 with FMA,
+else portable loops) read the weights from a copy they pack once per layer (and again when the
+weight changes; :func:`packed_weight`): one contiguous row per input, so a dropped input costs no
+memory traffic at all. float32, inference:
 
 - linear: per-row masks (up to :data:`MAX_ROWS` rows) as a GEMV per row, more rows as
   one dense GEMM of the masked rows (MKL; no time saved on the product); a mask shared
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 #: beyond a few one dense GEMM that reads the weight once is faster. (A convolution's samples
 #: re-read theirs too, but a convolution's weight is small and its work per weight large.)
 MAX_ROWS = 8
-#: Packed weight rows are padded to this many floats (one AVX-512 register).
+#: Packed weight rows are padded to this many floats (one AVX-512 register, two AVX2 ones).
 LANES = 16
 _SOURCE = Path(__file__).parent / "csrc" / "sparse_linear.cpp"
 #: The built kernels (filled by :func:`_build`) as plain Python functions. They are also torch

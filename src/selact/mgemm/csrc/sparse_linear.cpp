@@ -51,14 +51,72 @@
 
 namespace {
 
-constexpr int64_t LANES = 16;  // floats per AVX-512 register; packed rows are padded to it
-constexpr int64_t NR = 64;     // columns of C per register tile (4 registers)
+constexpr int64_t LANES = 16;  // floats per Vec (below); packed rows are padded to it
+constexpr int64_t NR = 64;     // columns of C per register tile (4 Vecs)
 constexpr int64_t KC = 128;    // kept rows of Wt per block: 128 x 64 x 4 B = 32 KB, in L1
 constexpr int GEMV_ROWS = 8;  // kept rows streamed at once by the GEMV
 // Rows with their own masks taken by GEMVs at most (selact.mgemm.cpu.MAX_ROWS); more go through
 // one masked dense GEMM.
 constexpr int64_t MAX_GEMV_ROWS = 8;
 constexpr int64_t MIN_WORK = 1 << 15;  // multiply-adds (or copies) below which a thread is not worth waking
+
+// ---------------------------------------------------------------------------------------------
+// simd: 16 floats at a time, as one AVX-512 register or a pair of AVX2 registers. The product
+// kernels are written once against Vec; the AVX-512 build uses 32 registers, the AVX2 build 16
+// (so its register tiles are smaller: REGISTER_VECS). Lanes: which of the 16 lanes a load or store
+// touches (bit i, lane i); the loads without Lanes read all 16.
+#if defined(__AVX512F__)
+#define SELACT_SIMD 1
+using Lanes = __mmask16;
+struct Vec {
+  __m512 v;
+};
+constexpr int REGISTER_VECS = 32;
+inline Vec vzero() { return {_mm512_setzero_ps()}; }
+inline Vec vset1(float a) { return {_mm512_set1_ps(a)}; }
+inline Vec vload(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline Vec vload(const float* p, Lanes lanes) { return {_mm512_maskz_loadu_ps(lanes, p)}; }
+inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a.v); }
+inline void vstore(float* p, Vec a, Lanes lanes) { _mm512_mask_storeu_ps(p, lanes, a.v); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline Vec vadd(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define SELACT_SIMD 1
+using Lanes = uint16_t;
+struct Vec {
+  __m256 lo, hi;
+};
+constexpr int REGISTER_VECS = 8;  // 16 ymm registers, two a Vec
+// The 8 lanes of `bits` as an AVX2 load/store mask (all ones where the bit is set).
+inline __m256i half_lanes(unsigned bits) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), bit), bit);
+}
+inline Vec vzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline Vec vset1(float a) { return {_mm256_set1_ps(a), _mm256_set1_ps(a)}; }
+inline Vec vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline Vec vload(const float* p, Lanes lanes) {
+  if (lanes == 0xFFFF) return vload(p);
+  return {_mm256_maskload_ps(p, half_lanes(lanes & 0xFFu)), _mm256_maskload_ps(p + 8, half_lanes(lanes >> 8))};
+}
+inline void vstore(float* p, Vec a) {
+  _mm256_storeu_ps(p, a.lo);
+  _mm256_storeu_ps(p + 8, a.hi);
+}
+inline void vstore(float* p, Vec a, Lanes lanes) {
+  if (lanes == 0xFFFF) return vstore(p, a);
+  _mm256_maskstore_ps(p, half_lanes(lanes & 0xFFu), a.lo);
+  _mm256_maskstore_ps(p + 8, half_lanes(lanes >> 8), a.hi);
+}
+inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+inline Vec vadd(Vec a, Vec b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+#else
+#define SELACT_SIMD 0  // the portable loops below serve every op
+#endif
+#if SELACT_SIMD
+// The first n of 16 lanes (all of them for n >= 16).
+inline Lanes first_lanes(int64_t n) { return n >= LANES ? Lanes(0xFFFF) : static_cast<Lanes>((1u << n) - 1u); }
+#endif
 
 // Whether `units` independent products (a batch's samples, a token sequence's runs) run side by
 // side, one thread each, rather than one after another on all threads: when the threads share
@@ -91,26 +149,25 @@ template <int G>
 int64_t axpy_group(const float* __restrict wt, int64_t n, const int64_t* __restrict row,
                    const float* __restrict value, int64_t count, float* __restrict acc) {
   int64_t j = 0;
-#if defined(__AVX512F__)
-  const __mmask16 tail = static_cast<__mmask16>((1u << (n % LANES)) - 1);
+#if SELACT_SIMD
   for (; j + G <= count; j += G) {
     const float* w[G];
     const char* ahead[G];
-    __m512 v[G];
+    Vec v[G];
     const int64_t next = j + 2 * G <= count ? j + G : j;
     for (int g = 0; g < G; ++g) {
       w[g] = wt + row[j + g];
       ahead[g] = reinterpret_cast<const char*>(wt + row[next + g]);
-      v[g] = _mm512_set1_ps(value[j + g]);
+      v[g] = vset1(value[j + g]);
     }
     for (int64_t c = 0; c < n; c += LANES) {
-      const __mmask16 live = c + LANES <= n ? static_cast<__mmask16>(0xFFFF) : tail;
-      __m512 a = _mm512_maskz_loadu_ps(live, acc + c);
+      const Lanes live = first_lanes(n - c);
+      Vec a = vload(acc + c, live);
       for (int g = 0; g < G; ++g) {
         _mm_prefetch(ahead[g] + 4 * c, _MM_HINT_T1);
-        a = _mm512_fmadd_ps(v[g], _mm512_loadu_ps(w[g] + c), a);
+        a = vfma(v[g], vload(w[g] + c), a);
       }
-      _mm512_mask_storeu_ps(acc + c, live, a);
+      vstore(acc + c, a, live);
     }
   }
 #endif
@@ -180,43 +237,44 @@ struct Block {
   int64_t n0, j0, j1;
 };
 
-#if defined(__AVX512F__)
+#if SELACT_SIMD
 // C[m0 : m0 + P, n0 : n0 + 16·Q] (+)= Σ_{j in [j0, j1)} A(m, j) · Wt[k_j][n0 : ...] for P rows
 // of one line, whose A entries are `step` apart (UNIT: step 1, addresses known at compile time).
 // The last register of the tile writes only the columns in `tail`. `first`: start from the bias.
 template <int P, int Q, bool UNIT>
 void tile(const Gemm& g, const float* a0, int64_t m0, int64_t n0, int64_t j0, int64_t j1, bool first,
-          __mmask16 tail) {
-  __m512 acc[P][Q];
+          Lanes tail) {
+  Vec acc[P][Q];
   for (int q = 0; q < Q; ++q) {
-    const __mmask16 lanes = q == Q - 1 ? tail : __mmask16(0xFFFF);
-    const __m512 init = first && g.bias ? _mm512_maskz_loadu_ps(lanes, g.bias + n0 + 16 * q) : _mm512_setzero_ps();
-    for (int p = 0; p < P; ++p)
-      acc[p][q] = first ? init : _mm512_maskz_loadu_ps(lanes, g.c + (m0 + p) * g.N + n0 + 16 * q);
+    const Lanes lanes = q == Q - 1 ? tail : Lanes(0xFFFF);
+    const Vec init = first && g.bias ? vload(g.bias + n0 + 16 * q, lanes) : vzero();
+    for (int p = 0; p < P; ++p) acc[p][q] = first ? init : vload(g.c + (m0 + p) * g.N + n0 + 16 * q, lanes);
   }
   const float* w = g.wt + n0;
   const int64_t step = g.step;
   for (int64_t j = j0; j < j1; ++j) {
     const float* wj = w + g.row[j];
-    __m512 wv[Q];
-    for (int q = 0; q < Q; ++q) wv[q] = _mm512_loadu_ps(wj + 16 * q);
+    Vec wv[Q];
+    for (int q = 0; q < Q; ++q) wv[q] = vload(wj + 16 * q);
     const float* a = a0 + g.base[j];
     for (int p = 0; p < P; ++p) {
-      const __m512 v = _mm512_set1_ps(UNIT ? a[p] : *a);
+      const Vec v = vset1(UNIT ? a[p] : *a);
       if (!UNIT) a += step;
-      for (int q = 0; q < Q; ++q) acc[p][q] = _mm512_fmadd_ps(v, wv[q], acc[p][q]);
+      for (int q = 0; q < Q; ++q) acc[p][q] = vfma(v, wv[q], acc[p][q]);
     }
   }
   for (int q = 0; q < Q; ++q) {
-    const __mmask16 lanes = q == Q - 1 ? tail : __mmask16(0xFFFF);
-    for (int p = 0; p < P; ++p) _mm512_mask_storeu_ps(g.c + (m0 + p) * g.N + n0 + 16 * q, lanes, acc[p][q]);
+    const Lanes lanes = q == Q - 1 ? tail : Lanes(0xFFFF);
+    for (int p = 0; p < P; ++p) vstore(g.c + (m0 + p) * g.N + n0 + 16 * q, acc[p][q], lanes);
   }
 }
 
-using TileFn = void (*)(const Gemm&, const float*, int64_t, int64_t, int64_t, int64_t, bool, __mmask16);
-// Rows per register tile for Q column registers: about 12 accumulators or more, enough to hide
-// the FMA latency, and no more than 31 registers in all.
-constexpr int64_t ROWS_FOR[5] = {0, 12, 6, 4, 4};
+using TileFn = void (*)(const Gemm&, const float*, int64_t, int64_t, int64_t, int64_t, bool, Lanes);
+// Rows per register tile for Q column Vecs: about 12 accumulators or more, enough to hide the FMA
+// latency, and no more than 31 registers in all (AVX-512); about 12 ymm registers of
+// accumulators of the 16 (AVX2: a Vec is two).
+using RowsFor = std::array<int, 5>;
+constexpr RowsFor ROWS_FOR = REGISTER_VECS == 32 ? RowsFor{0, 12, 6, 4, 4} : RowsFor{0, 6, 3, 2, 1};
 
 template <int Q, bool UNIT, int... P>
 constexpr std::array<TileFn, sizeof...(P)> tiles(std::integer_sequence<int, P...>) {
@@ -224,10 +282,10 @@ constexpr std::array<TileFn, sizeof...(P)> tiles(std::integer_sequence<int, P...
 }
 template <bool UNIT>
 struct Tiles {
-  static constexpr auto q1 = tiles<1, UNIT>(std::make_integer_sequence<int, 12>{});
-  static constexpr auto q2 = tiles<2, UNIT>(std::make_integer_sequence<int, 6>{});
-  static constexpr auto q3 = tiles<3, UNIT>(std::make_integer_sequence<int, 4>{});
-  static constexpr auto q4 = tiles<4, UNIT>(std::make_integer_sequence<int, 4>{});
+  static constexpr auto q1 = tiles<1, UNIT>(std::make_integer_sequence<int, ROWS_FOR[1]>{});
+  static constexpr auto q2 = tiles<2, UNIT>(std::make_integer_sequence<int, ROWS_FOR[2]>{});
+  static constexpr auto q3 = tiles<3, UNIT>(std::make_integer_sequence<int, ROWS_FOR[3]>{});
+  static constexpr auto q4 = tiles<4, UNIT>(std::make_integer_sequence<int, ROWS_FOR[4]>{});
   static TileFn get(int64_t q, int64_t p) {
     switch (q) {
       case 1: return q1[p - 1];
@@ -255,7 +313,7 @@ void prefetch_block(const Gemm& g, int64_t n0, int64_t j0, int64_t j1) {
 void run_rows(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t j0, int64_t j1, bool first,
               const Block& next) {
   const int64_t cols = std::min(NR, g.N - n0), regs = (cols + LANES - 1) / LANES;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (cols - (regs - 1) * LANES)) - 1u);
+  const Lanes tail = first_lanes(cols - (regs - 1) * LANES);
   const int64_t most = ROWS_FOR[regs];
   const int64_t share = std::max<int64_t>(1, (next.j1 - next.j0) * most / std::max<int64_t>(1, m1 - m0));
   int64_t ahead = next.j0;
@@ -1129,18 +1187,18 @@ struct Reads {
   int n = 0;
 };
 
-#if defined(__AVX512F__)
+#if SELACT_SIMD
 // Gather form: out[0 : 16·NV] (the last register only the lanes in `tail`) = bias + Σ over the
 // reads of value · wt[offset + tap : ...]. U sets of accumulators take the list's entries in
 // turn, so that U·NV chains of multiply-adds are in flight.
 template <int NV>
-void position_sums(const Reads& r, const float* wt, const float* bias, float* out, __mmask16 tail) {
+void position_sums(const Reads& r, const float* wt, const float* bias, float* out, Lanes tail) {
   constexpr int U = NV >= 3 ? 1 : 4 / NV;
-  __m512 acc[U][NV];
+  Vec acc[U][NV];
   for (int u = 0; u < U; ++u)
     for (int q = 0; q < NV; ++q) {
-      const __mmask16 lanes = q == NV - 1 ? tail : __mmask16(0xFFFF);
-      acc[u][q] = u == 0 && bias ? _mm512_maskz_loadu_ps(lanes, bias + 16 * q) : _mm512_setzero_ps();
+      const Lanes lanes = q == NV - 1 ? tail : Lanes(0xFFFF);
+      acc[u][q] = u == 0 && bias ? vload(bias + 16 * q, lanes) : vzero();
     }
   for (int t = 0; t < r.n; ++t) {
     const float* value = r.value[t];
@@ -1150,26 +1208,26 @@ void position_sums(const Reads& r, const float* wt, const float* bias, float* ou
     int64_t j = 0;
     for (; j + U <= n; j += U)
       for (int u = 0; u < U; ++u) {
-        const __m512 v = _mm512_set1_ps(value[j + u]);
+        const Vec v = vset1(value[j + u]);
         const float* wj = w + offset[j + u];
-        for (int q = 0; q < NV; ++q) acc[u][q] = _mm512_fmadd_ps(v, _mm512_loadu_ps(wj + 16 * q), acc[u][q]);
+        for (int q = 0; q < NV; ++q) acc[u][q] = vfma(v, vload(wj + 16 * q), acc[u][q]);
       }
     for (; j < n; ++j) {
-      const __m512 v = _mm512_set1_ps(value[j]);
+      const Vec v = vset1(value[j]);
       const float* wj = w + offset[j];
-      for (int q = 0; q < NV; ++q) acc[0][q] = _mm512_fmadd_ps(v, _mm512_loadu_ps(wj + 16 * q), acc[0][q]);
+      for (int q = 0; q < NV; ++q) acc[0][q] = vfma(v, vload(wj + 16 * q), acc[0][q]);
     }
   }
   for (int u = 1; u < U; ++u)
-    for (int q = 0; q < NV; ++q) acc[0][q] = _mm512_add_ps(acc[0][q], acc[u][q]);
+    for (int q = 0; q < NV; ++q) acc[0][q] = vadd(acc[0][q], acc[u][q]);
   for (int q = 0; q < NV; ++q)
-    _mm512_mask_storeu_ps(out + 16 * q, q == NV - 1 ? tail : __mmask16(0xFFFF), acc[0][q]);
+    vstore(out + 16 * q, acc[0][q], q == NV - 1 ? tail : Lanes(0xFFFF));
 }
 
 // out[0 : n] for the columns [n0, n0 + n) of the outputs, n ≤ 64.
 void position_chunk(const Reads& r, const float* wt, const float* bias, float* out, int64_t n) {
   const int nv = static_cast<int>((n + LANES - 1) / LANES);
-  const __mmask16 tail = static_cast<__mmask16>((1u << (n - (nv - 1) * LANES)) - 1u);
+  const Lanes tail = first_lanes(n - (nv - 1) * LANES);
   switch (nv) {
     case 1: return position_sums<1>(r, wt, bias, out, tail);
     case 2: return position_sums<2>(r, wt, bias, out, tail);
@@ -1186,17 +1244,17 @@ void position_chunk(const Reads& r, const float* wt, const float* bias, float* o
 template <int KW, int NV>
 void scatter_position(const float* value, const int32_t* offset, int64_t n, const float* wt, const int64_t* tap,
                       float* acc, const int64_t* reach) {
-  __m512 sum[KW][NV];
+  Vec sum[KW][NV];
   for (int t = 0; t < KW; ++t)
-    for (int q = 0; q < NV; ++q) sum[t][q] = _mm512_loadu_ps(acc + reach[t] + 16 * q);
+    for (int q = 0; q < NV; ++q) sum[t][q] = vload(acc + reach[t] + 16 * q);
   for (int64_t j = 0; j < n; ++j) {
-    const __m512 v = _mm512_set1_ps(value[j]);
+    const Vec v = vset1(value[j]);
     const float* w = wt + offset[j];
     for (int t = 0; t < KW; ++t)
-      for (int q = 0; q < NV; ++q) sum[t][q] = _mm512_fmadd_ps(v, _mm512_loadu_ps(w + tap[t] + 16 * q), sum[t][q]);
+      for (int q = 0; q < NV; ++q) sum[t][q] = vfma(v, vload(w + tap[t] + 16 * q), sum[t][q]);
   }
   for (int t = 0; t < KW; ++t)
-    for (int q = 0; q < NV; ++q) _mm512_storeu_ps(acc + reach[t] + 16 * q, sum[t][q]);
+    for (int q = 0; q < NV; ++q) vstore(acc + reach[t] + 16 * q, sum[t][q]);
 }
 
 template <int KW>
@@ -1234,38 +1292,38 @@ void scatter_row(const KeptLists& row, int64_t W, const float* wt, int64_t Np, i
                  float* const* out, int64_t parity) {
   static_assert(SW == 1 || (SW == 2 && KW == 3), "the row form takes stride 1, or stride 2 with 3 taps");
   constexpr int S = SW == 1 ? KW : 2;  // output columns in the window
-  __m512 sum[KT][S][NV];
+  Vec sum[KT][S][NV];
   for (int t = 0; t < KT; ++t)
     for (int s = 0; s < S; ++s)
-      for (int q = 0; q < NV; ++q) sum[t][s][q] = _mm512_setzero_ps();
+      for (int q = 0; q < NV; ++q) sum[t][s][q] = vzero();
   auto flush = [&](int s, int64_t column) {
     for (int t = 0; t < KT; ++t)
       for (int q = 0; q < NV; ++q) {
         float* o = out[t] + column * Np + c0 + 16 * q;
-        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), sum[t][s][q]));
+        vstore(o, vadd(vload(o), sum[t][s][q]));
       }
   };
   auto slide = [&] {
     for (int t = 0; t < KT; ++t)
       for (int q = 0; q < NV; ++q) {
         for (int s = 0; s + 1 < S; ++s) sum[t][s][q] = sum[t][s + 1][q];
-        sum[t][S - 1][q] = _mm512_setzero_ps();
+        sum[t][S - 1][q] = vzero();
       }
   };
   // f(v, w) for each kept input of column ix: its value broadcast, its packed weights from c0
   auto each_input = [&](int64_t ix, auto f) {
     const float* value = row.value.data() + row.first[ix];
     const int32_t* offset = row.offset.data() + row.first[ix];
-    for (int64_t j = 0, n = row.length[ix]; j < n; ++j) f(_mm512_set1_ps(value[j]), wt + c0 + offset[j]);
+    for (int64_t j = 0, n = row.length[ix]; j < n; ++j) f(vset1(value[j]), wt + c0 + offset[j]);
   };
   if constexpr (SW == 1) {
     for (int64_t ix = 0; ix < W; ++ix) {
-      each_input(ix, [&](const __m512 v, const float* w) {
+      each_input(ix, [&](const Vec v, const float* w) {
         for (int t = 0; t < KT; ++t)
           for (int s = 0; s < KW; ++s)  // slot s: tap KW - 1 - s of the kernel row
             for (int q = 0; q < NV; ++q)
               sum[t][s][q] =
-                  _mm512_fmadd_ps(v, _mm512_loadu_ps(w + ty_offset[t] + (KW - 1 - s) * Np + 16 * q), sum[t][s][q]);
+                  vfma(v, vload(w + ty_offset[t] + (KW - 1 - s) * Np + 16 * q), sum[t][s][q]);
       });
       flush(0, ix);
       slide();
@@ -1275,18 +1333,18 @@ void scatter_row(const KeptLists& row, int64_t W, const float* wt, int64_t Np, i
     // Input column a (ix + pw; parity: pw's) meets tap 1 alone when odd, its output (a - 1) / 2,
     // and taps 2 and 0 when even, outputs a / 2 - 1 and a / 2; output o is complete after column
     // 2o + 2. The window holds outputs o (slot 0) and o + 1; out[t]'s column 0 is the first o.
-    auto tap_into = [&](const __m512 v, const float* w, int tap, int slot) {
+    auto tap_into = [&](const Vec v, const float* w, int tap, int slot) {
       for (int t = 0; t < KT; ++t)
         for (int q = 0; q < NV; ++q)
-          sum[t][slot][q] = _mm512_fmadd_ps(v, _mm512_loadu_ps(w + ty_offset[t] + tap * Np + 16 * q), sum[t][slot][q]);
+          sum[t][slot][q] = vfma(v, vload(w + ty_offset[t] + tap * Np + 16 * q), sum[t][slot][q]);
     };
     int64_t column = 0;
     for (int64_t ix = 0; ix < W; ++ix) {
       if ((ix + parity) % 2 == 1) {
-        each_input(ix, [&](const __m512 v, const float* w) { tap_into(v, w, 1, 0); });
+        each_input(ix, [&](const Vec v, const float* w) { tap_into(v, w, 1, 0); });
         continue;
       }
-      each_input(ix, [&](const __m512 v, const float* w) {
+      each_input(ix, [&](const Vec v, const float* w) {
         tap_into(v, w, 2, 0);
         tap_into(v, w, 0, 1);
       });
@@ -1330,6 +1388,7 @@ void scatter_row_taps(int64_t rows, int64_t kw, int64_t sw, const KeptLists& row
   table[rows - 1][sw == 2 ? 3 : kw - 1](row, W, wt, Np, ty_offset, out, parity);
 }
 
+#if defined(__AVX512F__)
 // The lanes of channels [c0, c0 + 16) that exist among C.
 inline __mmask16 channel_lanes(int64_t C, int64_t c0) {
   return C - c0 >= LANES ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (C - c0)) - 1u);
@@ -1341,6 +1400,86 @@ inline __m512i order_keys(__m512 f) {
   const __m512i key = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), _mm512_set1_epi32(INT32_MIN)));
   return _mm512_mask_mov_epi32(key, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(-1));
 }
+
+// How many of key[0:n] are above `upper`, and how many at least `lower`.
+std::pair<int64_t, int64_t> count_bracket(const uint32_t* key, int64_t n, uint32_t lower, uint32_t upper) {
+  int64_t above = 0, at_least = 0;
+  const __m512i hi = _mm512_set1_epi32(static_cast<int32_t>(upper)), lo = _mm512_set1_epi32(static_cast<int32_t>(lower));
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES) {
+    const __m512i kv = _mm512_loadu_si512(key + i);
+    above += _mm_popcnt_u32(_mm512_cmpgt_epu32_mask(kv, hi));
+    at_least += _mm_popcnt_u32(_mm512_cmpge_epu32_mask(kv, lo));
+  }
+  for (; i < n; ++i) above += key[i] > upper, at_least += key[i] >= lower;
+  return {above, at_least};
+}
+
+// The keys of key[0:n] in [lower, upper], in order, into out (room for their number + 16);
+// returns their number.
+int64_t keys_between(const uint32_t* key, int64_t n, uint32_t lower, uint32_t upper, uint32_t* out) {
+  const __m512i hi = _mm512_set1_epi32(static_cast<int32_t>(upper)), lo = _mm512_set1_epi32(static_cast<int32_t>(lower));
+  int64_t m = 0, i = 0;
+  for (; i + LANES <= n; i += LANES) {
+    const __m512i kv = _mm512_loadu_si512(key + i);
+    const __mmask16 in = _mm512_cmpge_epu32_mask(kv, lo) & _mm512_cmple_epu32_mask(kv, hi);
+    _mm512_storeu_si512(out + m, _mm512_maskz_compress_epi32(in, kv));
+    m += _mm_popcnt_u32(in);
+  }
+  for (; i < n; ++i)
+    if (key[i] >= lower && key[i] <= upper) out[m++] = key[i];
+  return m;
+}
+#else  // AVX2: the compress of AVX-512 is a permutation looked up per 8-bit mask
+// COMPRESS[m]: the lanes set in the 8-bit mask m, in order, first (the permutation that packs them).
+constexpr std::array<std::array<int32_t, 8>, 256> compress_table() {
+  std::array<std::array<int32_t, 8>, 256> table{};
+  for (int m = 0; m < 256; ++m)
+    for (int lane = 0, at = 0; lane < 8; ++lane)
+      if (m >> lane & 1) table[m][at++] = lane;
+  return table;
+}
+alignas(32) constexpr auto COMPRESS = compress_table();
+// BYTES[m]: the 8-bit mask m as 8 bools.
+constexpr std::array<uint64_t, 256> bytes_table() {
+  std::array<uint64_t, 256> table{};
+  for (int m = 0; m < 256; ++m)
+    for (int lane = 0; lane < 8; ++lane) table[m] |= static_cast<uint64_t>(m >> lane & 1) << (8 * lane);
+  return table;
+}
+constexpr auto BYTES = bytes_table();
+
+inline __m256i compress_permutation(unsigned m) {
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(COMPRESS[m].data()));
+}
+// Unsigned 32-bit a > b, lane by lane (AVX2 compares signed: both biased by 2^31).
+inline __m256i greater_unsigned(__m256i a, __m256i b) {
+  const __m256i bias = _mm256_set1_epi32(INT32_MIN);
+  return _mm256_cmpgt_epi32(_mm256_xor_si256(a, bias), _mm256_xor_si256(b, bias));
+}
+inline unsigned lanes_of(__m256i m) { return static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(m))); }
+
+std::pair<int64_t, int64_t> count_bracket(const uint32_t* key, int64_t n, uint32_t lower, uint32_t upper) {
+  int64_t above = 0, at_least = 0;
+#pragma omp simd reduction(+ : above, at_least)
+  for (int64_t i = 0; i < n; ++i) above += key[i] > upper, at_least += key[i] >= lower;
+  return {above, at_least};
+}
+
+int64_t keys_between(const uint32_t* key, int64_t n, uint32_t lower, uint32_t upper, uint32_t* out) {
+  const __m256i lo = _mm256_set1_epi32(static_cast<int32_t>(lower)), hi = _mm256_set1_epi32(static_cast<int32_t>(upper));
+  int64_t m = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i kv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(key + i));
+    const unsigned in = ~lanes_of(_mm256_or_si256(greater_unsigned(lo, kv), greater_unsigned(kv, hi))) & 0xFFu;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m), _mm256_permutevar8x32_epi32(kv, compress_permutation(in)));
+    m += __builtin_popcount(in);
+  }
+  for (; i < n; ++i)
+    if (key[i] >= lower && key[i] <= upper) out[m++] = key[i];
+  return m;
+}
+#endif
 
 // The k-th largest of key[0:n] (0 < k < n) and how many keys are above it and equal to it.
 struct Kth {
@@ -1387,26 +1526,10 @@ Kth kth_largest_sampled(const uint32_t* key, int64_t n, int64_t k, uint32_t floo
   const uint32_t upper = upper_rank >= 0 ? kth_largest_key(sample.data(), samples, upper_rank + 1) : ~0u;
   const uint32_t lower =
       std::max(floor, lower_rank < samples ? kth_largest_key(sample.data(), samples, lower_rank + 1) : 0u);
-  int64_t above = 0, at_least = 0;  // keys > upper, keys >= lower
-  const __m512i hi = _mm512_set1_epi32(static_cast<int32_t>(upper)), lo = _mm512_set1_epi32(static_cast<int32_t>(lower));
-  int64_t i = 0;
-  for (; i + LANES <= n; i += LANES) {
-    const __m512i kv = _mm512_loadu_si512(key + i);
-    above += _mm_popcnt_u32(_mm512_cmpgt_epu32_mask(kv, hi));
-    at_least += _mm_popcnt_u32(_mm512_cmpge_epu32_mask(kv, lo));
-  }
-  for (; i < n; ++i) above += key[i] > upper, at_least += key[i] >= lower;
+  const auto [above, at_least] = count_bracket(key, n, lower, upper);  // keys > upper, keys >= lower
   if (!(above < k && k <= at_least)) return kth_counted(key, n, k);
   between.resize(static_cast<size_t>(at_least - above + LANES));
-  int64_t m = 0;
-  for (i = 0; i + LANES <= n; i += LANES) {
-    const __m512i kv = _mm512_loadu_si512(key + i);
-    const __mmask16 in = _mm512_cmpge_epu32_mask(kv, lo) & _mm512_cmple_epu32_mask(kv, hi);
-    _mm512_storeu_si512(between.data() + m, _mm512_maskz_compress_epi32(in, kv));
-    m += _mm_popcnt_u32(in);
-  }
-  for (; i < n; ++i)
-    if (key[i] >= lower && key[i] <= upper) between[m++] = key[i];
+  const int64_t m = keys_between(key, n, lower, upper, between.data());
   // the (k - above)-th largest in the bracket: every key there has the bits above the highest
   // one in which lower and upper differ
   const int differ = lower == upper ? -1 : 31 - __builtin_clz(lower ^ upper);
@@ -1434,25 +1557,165 @@ struct TopK {
   int64_t tie_channel = 0, tie_position = 0;
 };
 
+constexpr uint32_t ZERO_KEY = 0x80000000u;  // order_key(+0)
+
+// The helpers of the element top-k and list builder, over one position's C channels (contiguous):
+//  - position_keys: the order keys of |in[c]| (times norms[c]) into key; returns how many are
+//    above zero's;
+//  - count_ties: ties_of[c] += 1 where key[c] == threshold;
+//  - list_kept: the top-k rule's kept inputs (keys above threshold, or equal to it in channels up
+//    to last_tie) marked in keep_out, and those of them that are nonzero listed: their values and
+//    offsets (c · stride) appended to value and offset (room for C + 16); returns how many;
+//  - list_given: the same for the inputs a given mask (C bytes) keeps.
+#if defined(__AVX512F__)
+int64_t position_keys(const float* in, const float* norms, int64_t C, uint32_t* key) {
+  int64_t nonzero = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += LANES) {
+    const __mmask16 lanes = channel_lanes(C, c0);
+    __m512 score = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes, in + c0));
+    if (norms) score = _mm512_mul_ps(score, _mm512_maskz_loadu_ps(lanes, norms + c0));
+    const __m512i kv = order_keys(score);
+    _mm512_mask_storeu_epi32(key + c0, lanes, kv);
+    nonzero += _mm_popcnt_u32(_mm512_mask_cmpgt_epu32_mask(lanes, kv, _mm512_set1_epi32(static_cast<int32_t>(ZERO_KEY))));
+  }
+  return nonzero;
+}
+
+void count_ties(const uint32_t* key, int64_t C, uint32_t threshold, int32_t* ties_of) {
+  const __m512i t = _mm512_set1_epi32(static_cast<int32_t>(threshold)), one = _mm512_set1_epi32(1);
+  for (int64_t c0 = 0; c0 < C; c0 += LANES) {
+    const __mmask16 lanes = channel_lanes(C, c0);
+    const __mmask16 eq = _mm512_mask_cmpeq_epu32_mask(lanes, _mm512_maskz_loadu_epi32(lanes, key + c0), t);
+    const __m512i count = _mm512_loadu_si512(ties_of + c0);
+    _mm512_storeu_si512(ties_of + c0, _mm512_mask_add_epi32(count, eq, count, one));
+  }
+}
+
+// The nonzero inputs of in[c0 : c0 + 16] among `kept`, compressed in registers and stored whole
+// (the lists have 16 entries of room at their end); returns how many.
+inline int64_t list_lanes(const float* in, int64_t c0, __mmask16 lanes, __mmask16 kept, int64_t stride, float* value,
+                          int32_t* offset) {
+  const __m512 v = _mm512_maskz_loadu_ps(lanes, in + c0);
+  kept &= _mm512_mask_cmp_ps_mask(lanes, v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+  const __m512i lane_index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i off = _mm512_mullo_epi32(_mm512_add_epi32(lane_index, _mm512_set1_epi32(static_cast<int32_t>(c0))),
+                                         _mm512_set1_epi32(static_cast<int32_t>(stride)));
+  _mm512_storeu_ps(value, _mm512_maskz_compress_ps(kept, v));
+  _mm512_storeu_si512(offset, _mm512_maskz_compress_epi32(kept, off));
+  return _mm_popcnt_u32(kept);
+}
+
+int64_t list_kept(const float* in, int64_t C, int64_t stride, const uint32_t* key, uint32_t threshold,
+                  int64_t last_tie, bool* keep_out, float* value, int32_t* offset) {
+  const __m512i lane_index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i t = _mm512_set1_epi32(static_cast<int32_t>(threshold));
+  const __m512i last = _mm512_set1_epi32(static_cast<int32_t>(last_tie));
+  int64_t at = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += LANES) {
+    const __mmask16 lanes = channel_lanes(C, c0);
+    const __m512i kv = _mm512_maskz_loadu_epi32(lanes, key + c0);
+    const __m512i channel = _mm512_add_epi32(lane_index, _mm512_set1_epi32(static_cast<int32_t>(c0)));
+    const __mmask16 kept = _mm512_mask_cmpgt_epu32_mask(lanes, kv, t) |
+                           (_mm512_mask_cmpeq_epu32_mask(lanes, kv, t) & _mm512_cmple_epi32_mask(channel, last));
+    _mm_mask_storeu_epi8(keep_out + c0, lanes, _mm_movm_epi8(kept));
+    at += list_lanes(in, c0, lanes, kept, stride, value + at, offset + at);
+  }
+  return at;
+}
+
+int64_t list_given(const float* in, int64_t C, int64_t stride, const bool* mask, float* value, int32_t* offset) {
+  int64_t at = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += LANES) {
+    const __mmask16 lanes = channel_lanes(C, c0);
+    const __mmask16 kept = _mm_mask_cmpneq_epi8_mask(lanes, _mm_maskz_loadu_epi8(lanes, mask + c0), _mm_setzero_si128());
+    at += list_lanes(in, c0, lanes, kept, stride, value + at, offset + at);
+  }
+  return at;
+}
+#else  // AVX2: 8 channels at a time
+int64_t position_keys(const float* in, const float* norms, int64_t C, uint32_t* key) {
+  int64_t nonzero = 0, c = 0;
+  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
+  const __m256i top = _mm256_set1_epi32(INT32_MIN), nan = _mm256_set1_epi32(-1);
+  for (; c + 8 <= C; c += 8) {
+    __m256 f = _mm256_andnot_ps(sign, _mm256_loadu_ps(in + c));  // |x|: never -0, so key = bits | 2^31
+    if (norms) f = _mm256_mul_ps(f, _mm256_loadu_ps(norms + c));
+    const __m256 unordered = _mm256_cmp_ps(f, f, _CMP_UNORD_Q);
+    const __m256i kv = _mm256_blendv_epi8(_mm256_or_si256(_mm256_castps_si256(f), top), nan, _mm256_castps_si256(unordered));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(key + c), kv);
+    nonzero += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(f, zero, _CMP_NEQ_UQ))));
+  }
+  for (; c < C; ++c) {
+    key[c] = order_key(norms ? std::fabs(in[c]) * norms[c] : std::fabs(in[c]));
+    nonzero += key[c] > ZERO_KEY;
+  }
+  return nonzero;
+}
+
+void count_ties(const uint32_t* key, int64_t C, uint32_t threshold, int32_t* ties_of) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) ties_of[c] += key[c] == threshold;
+}
+
+// The nonzero inputs of in[c0 : c0 + 8] among the 8-bit `kept`, packed and stored whole (the
+// lists have 16 entries of room at their end); returns how many.
+inline int64_t list_lanes(const float* in, int64_t c0, unsigned kept, int64_t stride, float* value, int32_t* offset) {
+  const __m256 v = _mm256_loadu_ps(in + c0);
+  kept &= static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ)));
+  const __m256i order = compress_permutation(kept);
+  const __m256i channel = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int32_t>(c0)));
+  const __m256i off = _mm256_mullo_epi32(channel, _mm256_set1_epi32(static_cast<int32_t>(stride)));
+  _mm256_storeu_ps(value, _mm256_permutevar8x32_ps(v, order));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(offset), _mm256_permutevar8x32_epi32(off, order));
+  return __builtin_popcount(kept);
+}
+
+int64_t list_kept(const float* in, int64_t C, int64_t stride, const uint32_t* key, uint32_t threshold,
+                  int64_t last_tie, bool* keep_out, float* value, int32_t* offset) {
+  const __m256i t = _mm256_set1_epi32(static_cast<int32_t>(threshold));
+  int64_t at = 0, c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m256i kv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(key + c));
+    const __m256i channel = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int32_t>(c)));
+    const __m256i tie = _mm256_andnot_si256(_mm256_cmpgt_epi32(channel, _mm256_set1_epi32(static_cast<int32_t>(last_tie))),
+                                            _mm256_cmpeq_epi32(kv, t));
+    const unsigned kept = lanes_of(_mm256_or_si256(greater_unsigned(kv, t), tie));
+    std::memcpy(keep_out + c, &BYTES[kept], 8);
+    at += list_lanes(in, c, kept, stride, value + at, offset + at);
+  }
+  for (; c < C; ++c) {  // branch-free: each input written, kept by moving on (a NaN is nonzero)
+    const bool kept = key[c] > threshold || (key[c] == threshold && c <= last_tie);
+    keep_out[c] = kept;
+    value[at] = in[c];
+    offset[at] = static_cast<int32_t>(c * stride);
+    at += kept && in[c] != 0.0f;
+  }
+  return at;
+}
+
+int64_t list_given(const float* in, int64_t C, int64_t stride, const bool* mask, float* value, int32_t* offset) {
+  int64_t at = 0, c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mask + c));
+    const unsigned kept = ~static_cast<unsigned>(_mm_movemask_epi8(_mm_cmpeq_epi8(bytes, _mm_setzero_si128()))) & 0xFFu;
+    at += list_lanes(in, c, kept, stride, value + at, offset + at);
+  }
+  for (; c < C; ++c) {
+    value[at] = in[c];
+    offset[at] = static_cast<int32_t>(c * stride);
+    at += mask[c] && in[c] != 0.0f;
+  }
+  return at;
+}
+#endif
+
 void element_topk_channels_last(const float* xs, int64_t C, int64_t H, int64_t W, int64_t s2, int64_t s3,
                                 const float* norms, int64_t k, TopK& top) {
   const int64_t n = C * H * W, P = H * W;
-  constexpr uint32_t ZERO = 0x80000000u;  // order_key(+0)
   top.keys.resize(static_cast<size_t>(n));
   uint32_t* key = top.keys.data();
   int64_t nonzero = 0;
-  for (int64_t p = 0; p < P; ++p) {
-    const float* in = xs + (p / W) * s2 + (p % W) * s3;
-    uint32_t* out = key + p * C;
-    for (int64_t c0 = 0; c0 < C; c0 += LANES) {
-      const __mmask16 lanes = channel_lanes(C, c0);
-      __m512 score = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes, in + c0));
-      if (norms) score = _mm512_mul_ps(score, _mm512_maskz_loadu_ps(lanes, norms + c0));
-      const __m512i kv = order_keys(score);
-      _mm512_mask_storeu_epi32(out + c0, lanes, kv);
-      nonzero += _mm_popcnt_u32(_mm512_mask_cmpgt_epu32_mask(lanes, kv, _mm512_set1_epi32(static_cast<int32_t>(ZERO))));
-    }
-  }
+  for (int64_t p = 0; p < P; ++p) nonzero += position_keys(xs + (p / W) * s2 + (p % W) * s3, norms, C, key + p * C);
   top.tie_channel = C, top.tie_position = 0;
   if (k >= n) {  // every input kept
     top.threshold = 0;
@@ -1460,21 +1723,14 @@ void element_topk_channels_last(const float* xs, int64_t C, int64_t H, int64_t W
   }
   // where no more than k scores are above zero (ReLU maps at high densities), the k-th is zero;
   // else it is above zero
-  const Kth kth = nonzero <= k ? Kth{ZERO, nonzero, n - nonzero} : kth_largest_sampled(key, n, k, ZERO + 1);
+  const Kth kth = nonzero <= k ? Kth{ZERO_KEY, nonzero, n - nonzero} : kth_largest_sampled(key, n, k, ZERO_KEY + 1);
   top.threshold = kth.key;
   const int64_t above = kth.above;
   if (above + kth.equal == k) return;  // every tie kept
   // the first k - above ties in (c, iy, ix) order: whole channels, then part of one
   thread_local std::vector<int32_t> ties_of;
   ties_of.assign(static_cast<size_t>(C + LANES), 0);
-  const __m512i t = _mm512_set1_epi32(static_cast<int32_t>(top.threshold)), one = _mm512_set1_epi32(1);
-  for (int64_t p = 0; p < P; ++p)
-    for (int64_t c0 = 0; c0 < C; c0 += LANES) {
-      const __mmask16 lanes = channel_lanes(C, c0);
-      const __mmask16 eq = _mm512_mask_cmpeq_epu32_mask(lanes, _mm512_maskz_loadu_epi32(lanes, key + p * C + c0), t);
-      const __m512i count = _mm512_loadu_si512(ties_of.data() + c0);
-      _mm512_storeu_si512(ties_of.data() + c0, _mm512_mask_add_epi32(count, eq, count, one));
-    }
+  for (int64_t p = 0; p < P; ++p) count_ties(key + p * C, C, top.threshold, ties_of.data());
   int64_t left = k - above, c = 0;
   while (ties_of[c] < left) left -= ties_of[c++];
   int64_t p = 0;
@@ -1491,35 +1747,15 @@ int64_t list_row_channels_last(const float* xs, int64_t iy, int64_t C, int64_t W
                                int64_t taps, int64_t Np, const std::vector<int64_t>& cover_x, float* value,
                                int32_t* offset, int64_t* first, int32_t* length) {
   int64_t at = 0, reach = 0;
-  const __m512i lane_index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i lane_offsets = _mm512_mullo_epi32(lane_index, _mm512_set1_epi32(taps * Np));
   for (int64_t ix = 0; ix < W; ++ix) {
     const int64_t start = at, pos = iy * W + ix;
-    const float* in = xs + iy * s2 + ix * s3;
-    for (int64_t c0 = 0; c0 < C; c0 += LANES) {
-      const __mmask16 lanes = channel_lanes(C, c0);
-      const __m512 v = _mm512_maskz_loadu_ps(lanes, in + c0);
-      __mmask16 kept;
-      if (top) {
-        const uint32_t* key = top->keys.data() + pos * C + c0;
-        const __m512i kv = _mm512_maskz_loadu_epi32(lanes, key);
-        const __m512i t = _mm512_set1_epi32(static_cast<int32_t>(top->threshold));
-        kept = _mm512_mask_cmpgt_epu32_mask(lanes, kv, t);
-        // ties: in the channels before tie_channel, and in it before tie_position
-        const __m512i channel = _mm512_add_epi32(lane_index, _mm512_set1_epi32(static_cast<int32_t>(c0)));
-        const __m512i last = _mm512_set1_epi32(static_cast<int32_t>(top->tie_channel - (pos < top->tie_position ? 0 : 1)));
-        kept |= _mm512_mask_cmpeq_epu32_mask(lanes, kv, t) & _mm512_cmple_epi32_mask(channel, last);
-        _mm_mask_storeu_epi8(keep_out + pos * C + c0, lanes, _mm_movm_epi8(kept));
-      } else {
-        kept = _mm_mask_cmpneq_epi8_mask(lanes, _mm_maskz_loadu_epi8(lanes, mask + iy * m2 + ix * m3 + c0),
-                                         _mm_setzero_si128());
-      }
-      kept &= _mm512_mask_cmp_ps_mask(lanes, v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-      // compressed in registers, stored whole (the lists have 16 entries of room at their end)
-      _mm512_storeu_ps(value + at, _mm512_maskz_compress_ps(kept, v));
-      const __m512i off = _mm512_add_epi32(lane_offsets, _mm512_set1_epi32(static_cast<int32_t>(c0 * taps * Np)));
-      _mm512_storeu_si512(offset + at, _mm512_maskz_compress_epi32(kept, off));
-      at += _mm_popcnt_u32(kept);
+    if (top) {
+      // ties: in the channels before tie_channel, and in it before tie_position
+      const int64_t last_tie = top->tie_channel - (pos < top->tie_position ? 0 : 1);
+      at += list_kept(xs + iy * s2 + ix * s3, C, taps * Np, top->keys.data() + pos * C, top->threshold, last_tie,
+                      keep_out + pos * C, value + at, offset + at);
+    } else {
+      at += list_given(xs + iy * s2 + ix * s3, C, taps * Np, mask + iy * m2 + ix * m3, value + at, offset + at);
     }
     first[ix] = start;
     length[ix] = static_cast<int32_t>(at - start);
@@ -1634,7 +1870,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> element_conv(
   auto scatter_sample = [&](int64_t s) -> int64_t {
     const float* xs = xp + s * s0;
     const TopK* top = nullptr;
-#if defined(__AVX512F__)
+#if SELACT_SIMD
     thread_local TopK topk;
     if (!given) {
       element_topk_channels_last(xs, C, H, W, s2, s3, np, k, topk);
@@ -1665,7 +1901,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> element_conv(
         const int64_t rows = highest(z) - lowest(a) + 1;
         std::memset(acc + lowest(a) * GX * Np, 0, static_cast<size_t>(rows * GX * Np) * sizeof(float));
         for (int64_t iy = a; iy < z; ++iy) {
-#if defined(__AVX512F__)
+#if SELACT_SIMD
           part += cover_y[iy] * list_row_channels_last(xs, iy, C, W, s2, s3, mp + s * m0, m2, m3, top, keep_out, taps,
                                                        Np, cover_x, row.value.data(), row.offset.data(),
                                                        row.first.data(), row.length.data());
