@@ -68,18 +68,17 @@ constexpr int64_t MIN_WORK = 1 << 15;  // multiply-adds (or copies) below which 
 #if defined(__AVX512F__)
 #define SELACT_SIMD 1
 using Lanes = __mmask16;
-struct Vec {
-  __m512 v;
-};
+using Vec = __m512;
 constexpr int REGISTER_VECS = 32;
-inline Vec vzero() { return {_mm512_setzero_ps()}; }
-inline Vec vset1(float a) { return {_mm512_set1_ps(a)}; }
-inline Vec vload(const float* p) { return {_mm512_loadu_ps(p)}; }
-inline Vec vload(const float* p, Lanes lanes) { return {_mm512_maskz_loadu_ps(lanes, p)}; }
-inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a.v); }
-inline void vstore(float* p, Vec a, Lanes lanes) { _mm512_mask_storeu_ps(p, lanes, a.v); }
-inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
-inline Vec vadd(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vset1(float a) { return _mm512_set1_ps(a); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vload(const float* p, Lanes lanes) { return _mm512_maskz_loadu_ps(lanes, p); }
+inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a); }
+inline void vstore(float* p, Vec a, Lanes lanes) { _mm512_mask_storeu_ps(p, lanes, a); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline void vmove(Vec& to, Vec from) { to = from; }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define SELACT_SIMD 1
 using Lanes = uint16_t;
@@ -110,10 +109,18 @@ inline void vstore(float* p, Vec a, Lanes lanes) {
 }
 inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
 inline Vec vadd(Vec a, Vec b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+// A copy register by register (GCC copies the struct through the stack, in 16-byte pieces).
+inline void vmove(Vec& to, Vec from) {
+  to.lo = from.lo;
+  to.hi = from.hi;
+}
 #else
 #define SELACT_SIMD 0  // the portable loops below serve every op
 #endif
 #if SELACT_SIMD
+// Output Vecs (16 channels each) that a scatter pass holds per tap: with up to 3 taps, 12
+// accumulators of 32 AVX-512 registers, or 6 Vecs (12 ymm) of AVX2's 16.
+constexpr int64_t PASS_VECS = REGISTER_VECS == 32 ? 4 : 2;
 // The first n of 16 lanes (all of them for n >= 16).
 inline Lanes first_lanes(int64_t n) { return n >= LANES ? Lanes(0xFFFF) : static_cast<Lanes>((1u << n) - 1u); }
 #endif
@@ -1260,8 +1267,8 @@ void scatter_position(const float* value, const int32_t* offset, int64_t n, cons
 template <int KW>
 void scatter_columns(const float* value, const int32_t* offset, int64_t n, const float* wt, int64_t Np,
                      const int64_t* tap, float* acc, const int64_t* reach) {
-  for (int64_t v0 = 0, vectors = Np / LANES; v0 < vectors; v0 += 4) {
-    const int64_t nv = std::min<int64_t>(4, vectors - v0), c0 = v0 * LANES;
+  for (int64_t v0 = 0, vectors = Np / LANES; v0 < vectors; v0 += PASS_VECS) {
+    const int64_t nv = std::min(PASS_VECS, vectors - v0), c0 = v0 * LANES;
     if (nv == 1) scatter_position<KW, 1>(value, offset, n, wt + c0, tap, acc + c0, reach);
     else if (nv == 2) scatter_position<KW, 2>(value, offset, n, wt + c0, tap, acc + c0, reach);
     else if (nv == 3) scatter_position<KW, 3>(value, offset, n, wt + c0, tap, acc + c0, reach);
@@ -1306,7 +1313,7 @@ void scatter_row(const KeptLists& row, int64_t W, const float* wt, int64_t Np, i
   auto slide = [&] {
     for (int t = 0; t < KT; ++t)
       for (int q = 0; q < NV; ++q) {
-        for (int s = 0; s + 1 < S; ++s) sum[t][s][q] = sum[t][s + 1][q];
+        for (int s = 0; s + 1 < S; ++s) vmove(sum[t][s][q], sum[t][s + 1][q]);
         sum[t][S - 1][q] = vzero();
       }
   };
@@ -1366,8 +1373,8 @@ void scatter_row_all(const KeptLists& row, int64_t W, const float* wt, int64_t N
                      float* const* out, int64_t parity) {
   if (Np == LANES) return scatter_row<KT, KW, 1, SW>(row, W, wt, Np, 0, ty_offset, out, parity);
   for (int t = 0; t < KT; ++t)
-    for (int64_t c0 = 0; c0 < Np; c0 += 4 * LANES) {
-      const int64_t nv = std::min<int64_t>(4, (Np - c0) / LANES);
+    for (int64_t c0 = 0; c0 < Np; c0 += PASS_VECS * LANES) {
+      const int64_t nv = std::min(PASS_VECS, (Np - c0) / LANES);
       if (nv == 4) scatter_row<1, KW, 4, SW>(row, W, wt, Np, c0, ty_offset + t, out + t, parity);
       else if (nv == 3) scatter_row<1, KW, 3, SW>(row, W, wt, Np, c0, ty_offset + t, out + t, parity);
       else if (nv == 2) scatter_row<1, KW, 2, SW>(row, W, wt, Np, c0, ty_offset + t, out + t, parity);
