@@ -15,7 +15,8 @@ selact bench model --model resnet20 --conv-granularity element --reps 100 --coun
 selact bench model --model vgg16 --conv-granularity element --reps 100 --counting \
   --densities "$DENSITIES/vgg16-sapi-1of4-densities.json" --out "$OUT/vgg16"
 selact bench model --model resnet20 --model vgg16 --batch 1 --reps 100 --out "$OUT/channel"
+MACHINE=$(python -c "from selact.bench.report import machine; print(machine())")
 python scripts/element_layers.py --model resnet20 \
-  --densities "$DENSITIES/resnet20-sapi-1of3-densities.json" --out "$OUT/layers/resnet20.json"
+  --densities "$DENSITIES/resnet20-sapi-1of3-densities.json" --out "$OUT/layers/$MACHINE-resnet20.json"
 python scripts/element_layers.py --model vgg16 \
-  --densities "$DENSITIES/vgg16-sapi-1of4-densities.json" --out "$OUT/layers/vgg16.json"
+  --densities "$DENSITIES/vgg16-sapi-1of4-densities.json" --out "$OUT/layers/$MACHINE-vgg16.json"
