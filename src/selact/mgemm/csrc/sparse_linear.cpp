@@ -282,6 +282,9 @@ using TileFn = void (*)(const Gemm&, const float*, int64_t, int64_t, int64_t, in
 // accumulators of the 16 (AVX2: a Vec is two).
 using RowsFor = std::array<int, 5>;
 constexpr RowsFor ROWS_FOR = REGISTER_VECS == 32 ? RowsFor{0, 12, 6, 4, 4} : RowsFor{0, 6, 3, 2, 1};
+// Column Vecs per register tile: all 64 columns of a block at once (AVX-512), or 16 (AVX2: 6 rows
+// x 16 columns, 12 of the 16 ymm registers, each weight Vec loaded once for 6 rows).
+constexpr int64_t TILE_VECS = REGISTER_VECS == 32 ? 4 : 1;
 
 template <int Q, bool UNIT, int... P>
 constexpr std::array<TileFn, sizeof...(P)> tiles(std::integer_sequence<int, P...>) {
@@ -321,14 +324,17 @@ void run_rows(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t j0, int
               const Block& next) {
   const int64_t cols = std::min(NR, g.N - n0), regs = (cols + LANES - 1) / LANES;
   const Lanes tail = first_lanes(cols - (regs - 1) * LANES);
-  const int64_t most = ROWS_FOR[regs];
+  const int64_t wide = std::min(TILE_VECS, regs), most = ROWS_FOR[wide];
   const int64_t share = std::max<int64_t>(1, (next.j1 - next.j0) * most / std::max<int64_t>(1, m1 - m0));
   int64_t ahead = next.j0;
   for (int64_t m = m0; m < m1;) {
     const int64_t l = m / g.line, i = m % g.line, rows = std::min({most, m1 - m, g.line - i});
     const float* a0 = g.src + l * g.line_stride + i * g.step;
-    const TileFn fn = g.step == 1 ? Tiles<true>::get(regs, rows) : Tiles<false>::get(regs, rows);
-    fn(g, a0, m, n0, j0, j1, first, tail);
+    for (int64_t q0 = 0; q0 < regs; q0 += wide) {  // the columns in tiles of `wide` Vecs
+      const int64_t q = std::min(wide, regs - q0);
+      const TileFn fn = g.step == 1 ? Tiles<true>::get(q, rows) : Tiles<false>::get(q, rows);
+      fn(g, a0, m, n0 + q0 * LANES, j0, j1, first, q0 + q == regs ? tail : Lanes(0xFFFF));
+    }
     if (ahead < next.j1) {
       prefetch_block(g, next.n0, ahead, std::min(next.j1, ahead + share));
       ahead += share;
