@@ -178,16 +178,17 @@ def test_fused_element_route_keeps_the_amus_top_k_and_multiplies_exactly(
     _assert_reference_output(conv, x, mask, y, executed)
 
 
+@pytest.mark.parametrize("c_out", [16, 256])  # on AVX2, 256 outputs take the gather form
 @pytest.mark.parametrize("shape", [(16, 32, 32), (64, 8, 8)])
 @pytest.mark.parametrize(
     "case",
     ["random", "dead channels", "just above zero", "sample misleads", "coarse values", "all equal"],
 )
-def test_fused_element_top_k_of_large_maps(case, shape):
+def test_fused_element_top_k_of_large_maps(case, shape, c_out):
     """Maps of 2048 inputs or more: the kernel brackets the k-th score from a sample of n/8 (at
     most 1024, spread over the channels) and falls back to the full radix select where the
     sample misleads; ties (many exact zeros, equal scores) still go to the lower (c, h, w) index,
-    as the AMU ranks them."""
+    as the AMU ranks them. Both forms of the product (scatter, gather) take the kernel's mask."""
     torch.manual_seed(0)
     c = shape[0]
     x = torch.randn(2, *shape).relu().contiguous(memory_format=torch.channels_last)
@@ -211,7 +212,7 @@ def test_fused_element_top_k_of_large_maps(case, shape):
         x = (x * 2).round() / 2
     elif case == "all equal":
         x = torch.ones_like(x)
-    conv = nn.Conv2d(c, 16, 3, padding=1)
+    conv = nn.Conv2d(c, c_out, 3, padding=1)
     config = selact.SelectiveConfig(granularity="element", density=1 / 3, check_finite=False)
     with torch.inference_mode():
         y, keep, executed = cpu.select_element_conv2d(

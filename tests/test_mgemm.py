@@ -541,6 +541,10 @@ def test_cpu_spatial_conv_matches_brute_force(
     batch=1, c_in=16, c_out=32, size=(9, 9), kernel=(3, 3), stride=(2, 2), padding=(1, 1),
     dilation=(1, 1), kind="half", x_channels_last=True, mask_channels_last=True, seed=0,
 )  # fmt: skip
+@example(  # 256 outputs and more: the gather form on AVX2, a 17th register of outputs
+    batch=2, c_in=20, c_out=272, size=(4, 5), kernel=(3, 3), stride=(1, 1), padding=(1, 1),
+    dilation=(1, 1), kind="half", x_channels_last=True, mask_channels_last=False, seed=1,
+)  # fmt: skip
 def test_cpu_element_conv_matches_brute_force(
     batch, c_in, c_out, size, kernel, stride, padding, dilation, kind, x_channels_last,
     mask_channels_last, seed,

@@ -1831,7 +1831,10 @@ std::tuple<at::Tensor, at::Tensor, int64_t> element_conv(
     for (int64_t tx = 0; tx < kw; ++tx) n += (r - tx * dw % sw + sw) % sw == 0;
     most_taps = std::max(most_taps, n);
   }
-  const bool scatter = SCATTER && most_taps <= 3;
+  // (on AVX2, whose scatter passes hold 32 output channels, 256 outputs or more take the gather
+  // form: 1 thread, VGG-16's shapes at its densities, 512 at 4x4 0.49 of dense against 0.63, at
+  // 2x2 0.23 against 0.43, 256 at 4x4 0.50 against 0.57, at 8x8 level; 64 and 128 slower)
+  const bool scatter = SCATTER && most_taps <= 3 && !(REGISTER_VECS == 8 && n_out >= 256);
   // and takes a whole input row at a time where a kernel row's taps meet every input column, or
   // every other one (3 taps at stride 2)
   [[maybe_unused]] const bool by_rows = scatter && dw == 1 && ((sw == 1 && kw <= 3) || (sw == 2 && kw == 3));
