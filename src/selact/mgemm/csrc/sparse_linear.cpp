@@ -15,8 +15,10 @@
 //    positions of a convolution whose sample keeps the same channels everywhere):
 //    C[m] = Σ_j A(m, j) Wt[k_j] with A(m, j) = src[offset(m) + base[j]], so a convolution is an
 //    implicit GEMM over a zero-padded copy of its kept channels, with no im2col buffer. Blocked
-//    as a GEMM: up to 64 columns x 4-12 rows of accumulators in registers, 128 kept rows of Wt per block
-//    (32 KB, in L1) reused across all rows of C.
+//    as a GEMM: up to 64 columns x 4-12 rows of accumulators in registers (AVX2: 16 x 6), 128 kept
+//    rows of Wt per block (32 KB, in L1) reused across all rows of C.
+// The product code is written once against a 16-float Vec (AVX-512, or two AVX2 registers; see
+// "simd" below), with portable loops for other CPUs.
 // Both run on ATen's thread pool (torch.set_num_threads applies). More than 8 rows with their own
 // masks go through one dense GEMM of the masked rows instead. The AMU's top-k (keep_top_k) is a
 // radix select. The ops are registered twice: as torch ops (torch.ops.selact_cpu.*, with fake
