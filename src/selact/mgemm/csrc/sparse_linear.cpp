@@ -119,6 +119,15 @@ inline void vmove(Vec& to, Vec from) {
 #else
 #define SELACT_SIMD 0  // the portable loops below serve every op
 #endif
+// Element convolutions of this many outputs or more take the gather form (element_conv). On
+// AVX2, whose scatter passes hold 32 outputs, 256 (1 thread, VGG-16's shapes at its densities:
+// 512 at 4x4 0.49 of dense against 0.63, at 2x2 0.23 against 0.43, 256 at 4x4 0.50 against 0.57,
+// at 8x8 level; 64 and 128 outputs slower).
+#if SELACT_SIMD && !defined(__AVX512F__)
+constexpr int64_t GATHER_OUTPUTS = 256;
+#else
+constexpr int64_t GATHER_OUTPUTS = INT64_MAX;
+#endif
 #if SELACT_SIMD
 // Output Vecs (16 channels each) that a scatter pass holds per tap: with up to 3 taps, 12
 // accumulators of 32 AVX-512 registers, or 6 Vecs (12 ymm) of AVX2's 16.
@@ -1833,10 +1842,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> element_conv(
     for (int64_t tx = 0; tx < kw; ++tx) n += (r - tx * dw % sw + sw) % sw == 0;
     most_taps = std::max(most_taps, n);
   }
-  // (on AVX2, whose scatter passes hold 32 output channels, 256 outputs or more take the gather
-  // form: 1 thread, VGG-16's shapes at its densities, 512 at 4x4 0.49 of dense against 0.63, at
-  // 2x2 0.23 against 0.43, 256 at 4x4 0.50 against 0.57, at 8x8 level; 64 and 128 slower)
-  const bool scatter = SCATTER && most_taps <= 3 && !(REGISTER_VECS == 8 && n_out >= 256);
+  const bool scatter = SCATTER && most_taps <= 3 && n_out < GATHER_OUTPUTS;
   // and takes a whole input row at a time where a kernel row's taps meet every input column, or
   // every other one (3 taps at stride 2)
   [[maybe_unused]] const bool by_rows = scatter && dw == 1 && ((sw == 1 && kw <= 3) || (sw == 2 && kw == 3));
