@@ -102,3 +102,24 @@ def test_quick_model_bench_with_searched_densities(tmp_path):
     assert result.exit_code != 0 and "densities.json" in result.output
     result = runner.invoke(app, [*args, "--densities", str(path), "--model", "a", "--model", "b"])
     assert result.exit_code != 0 and "one --model" in result.output
+
+
+@pytest.mark.parametrize(
+    ("model", "flags", "name"),
+    [
+        ("AMD EPYC", {"fma", "avx2"}, "amd-epyc-2c-avx2"),
+        ("AMD EPYC", {"avx2", "avx512f", "avx512bw"}, "amd-epyc-2c-avx512"),
+        ("Intel(R) Xeon(R) Processor", {"sse4_2"}, "intel-xeon-processor-2c"),
+    ],
+)
+def test_cpu_machine_is_named_by_model_cores_and_vector_instructions(
+    monkeypatch, model, flags, name
+):
+    """Results files are named by machine; CPUs of one model name with and without AVX-512 (whose
+    kernels differ) get different names."""
+    from selact.bench import report
+
+    monkeypatch.setattr(report.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(report, "_cpu_info", lambda: (model, flags))
+    monkeypatch.setattr(report.os, "cpu_count", lambda: 2)
+    assert report.machine() == name
